@@ -1,0 +1,104 @@
+"""The ``slimkit`` command line: a thin layer over the Python API.
+
+Every error a user can cause is printed as one line (``slimkit: error: ...``) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from slimkit.errors import SlimkitError
+
+app = typer.Typer(
+    name="slimkit",
+    help="Compress trained PyTorch models and measure the result.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RunDir = Annotated[
+    Path | None, typer.Option("--run-dir", help="new or empty folder for the run's outputs")
+]
+
+
+def builtin_recipe_path(name: str) -> Path:
+    return Path(str(resources.files("slimkit.recipe") / "builtin" / f"{name}.yaml"))
+
+
+def _run(recipe_path: Path, run_dir: Path | None, quiet: bool) -> None:
+    from slimkit.recipe.runner import run_recipe
+    from slimkit.recipe.schema import load_recipe
+
+    console = Console()
+    recipe = load_recipe(recipe_path)
+    result = run_recipe(recipe, run_dir, progress=not quiet, console=console)
+    console.print(str(result), end="")
+    console.print(f"run folder: {result.run_dir}  (metrics.json, tensorboard/, packed model)")
+
+
+@app.command()
+def demo(
+    run_dir: RunDir = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Train on bundled digits, prune to 80% while fine-tuning, pack, and report."""
+    _run(builtin_recipe_path("digits_prune"), run_dir, quiet)
+
+
+@app.command()
+def compress(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    run_dir: RunDir = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Run a recipe: baseline, compression stages, export, report."""
+    _run(recipe, run_dir, quiet)
+
+
+@app.command()
+def inspect(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")]) -> None:
+    """List every module each technique will touch, and every one it skips with the reason."""
+    from slimkit.recipe.inspect import inspect_recipe
+    from slimkit.recipe.schema import load_recipe
+
+    Console().print(inspect_recipe(load_recipe(recipe)))
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON Schema."""
+    from slimkit.recipe.schema import recipe_json_schema
+
+    typer.echo(json.dumps(recipe_json_schema(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning slimkit errors into one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except SlimkitError as exc:
+        message = " ".join(str(exc).split())
+        print(f"slimkit: error: {message}", file=sys.stderr)
+        return 2
+    except click.exceptions.Abort:
+        print("slimkit: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The core: techniques, scopes and policies, schedules, the compressor, checkpoints."""

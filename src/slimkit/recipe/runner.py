@@ -1,0 +1,305 @@
+"""Run a recipe: baseline, stages of techniques with fine-tuning, export, measurements.
+
+The run folder gets (each written atomically): ``metrics.json``, ``recipe.yaml`` (the validated
+recipe), ``tensorboard/`` event files, ``baseline.onnx`` and ``model.onnx`` (fp32, plain model),
+``model.packed.safetensors`` (sparse packed checkpoint) and ``model.safetensors`` (dense fp32).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
+from torch import nn
+
+from slimkit.core.compressor import Compressor
+from slimkit.errors import CheckpointError, ConfigError
+from slimkit.export.onnx import export_onnx
+from slimkit.export.packed import save_packed
+from slimkit.io import atomic_path, atomic_write_json, atomic_write_text
+from slimkit.measure.size import count_nonzero_parameters, count_parameters, dense_checkpoint_bytes
+from slimkit.recipe.schema import Recipe, TrainBudget, dump_recipe
+from slimkit.report.table import make_table, print_summary
+from slimkit.report.tensorboard import CompressionSummaries
+from slimkit.tasks.base import Task, load_task
+
+
+@dataclass
+class StageResult:
+    """Measurements after one stage (or the baseline)."""
+
+    name: str
+    val_metric: float
+    test_metric: float
+    params: int
+    nonzero_params: int
+    sparsity: float
+    steps: int
+    wall_s: float
+    techniques: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    """A whole run; ``to_dict`` is what ``metrics.json`` holds."""
+
+    recipe: str
+    task: str
+    metric_name: str
+    run_dir: str
+    baseline: StageResult
+    stages: list[StageResult]
+    artifacts: dict[str, Any]
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def final(self) -> StageResult:
+        return self.stages[-1]
+
+    def rows(self) -> list[list[Any]]:
+        m = self.metric_name
+        base, final = self.baseline, self.final
+        rows = [
+            [f"test {m}", base.test_metric, final.test_metric, final.test_metric - base.test_metric],
+            ["sparsity (all params)", base.sparsity, final.sparsity, final.sparsity - base.sparsity],
+            ["nonzero params", base.nonzero_params, final.nonzero_params,
+             final.nonzero_params - base.nonzero_params],
+        ]
+        packed = self.artifacts.get("packed")
+        if packed:
+            rows.append(["checkpoint bytes", packed["dense_fp32_bytes"], packed["bytes"],
+                         f"x{packed['ratio']:.3f}"])
+        rows.append(["wall time s", base.wall_s, sum(s.wall_s for s in self.stages), ""])
+        return rows
+
+    def __str__(self) -> str:
+        console = Console(width=100, record=True, file=io.StringIO())
+        console.print(make_table(f"{self.recipe}: before / after", ["metric", "baseline",
+                                                                     "compressed", "change"],
+                                 self.rows()))
+        return console.export_text()
+
+
+def resolve_run_dir(name: str, run_dir: str | Path | None, *, root: str | Path = "runs") -> Path:
+    """An explicit ``run_dir`` must be new or empty; the default ``runs/NAME`` gets a free suffix."""
+    if run_dir is not None:
+        path = Path(run_dir)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError(f"run folder {path} already exists and is not empty; choose another")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base = Path(root) / name
+    path, n = base, 1
+    while path.exists() and (not path.is_dir() or any(path.iterdir())):
+        n += 1
+        path = base.with_name(f"{name}-{n}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from ``.safetensors`` or a torch file (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign files raise many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state_dict of tensors")
+    return state
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with a one-line :class:`CheckpointError` on any mismatch."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"checkpoint {source} does not fit {type(model).__name__}: "
+                              f"{detail}") from None
+
+
+def make_optimizer(params: Iterable[nn.Parameter], budget: TrainBudget) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if budget.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=budget.lr, momentum=budget.momentum,
+                               weight_decay=budget.weight_decay)
+    cls = torch.optim.AdamW if budget.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=budget.lr, weight_decay=budget.weight_decay)
+
+
+class Runner:
+    """Executes a :class:`Recipe`; the CLI and the Python API both use it."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, *, console: Console | None = None,
+                 progress: bool = True, task: Task | None = None) -> None:
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.console = console or Console()
+        self.show_progress = progress
+        self.task = task or load_task(recipe.task, seed=recipe.seed, batch_size=recipe.batch_size)
+        self.summaries: CompressionSummaries | None = None
+        self.global_step = 0
+
+    # --- training -------------------------------------------------------------------------
+    def train(self, model: nn.Module, budget: TrainBudget, label: str,
+              compressor: Compressor | None = None) -> int:
+        """Train ``budget.epochs`` epochs; step the compressor after every optimizer step."""
+        task = self.task
+        optimizer = make_optimizer(model.parameters(), budget)
+        steps = 0
+        progress = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+                            console=self.console, disable=not self.show_progress, transient=False)
+        with progress:
+            bar = progress.add_task(label, total=budget.epochs, loss=float("nan"))
+            for epoch in range(budget.epochs):
+                model.train()
+                total, count = 0.0, 0
+                seed = self.recipe.seed * 1000 + self.global_step + epoch
+                for batch in task.train_loader(seed):
+                    outputs = task.forward(model, batch)
+                    loss = task.loss(outputs, batch)
+                    if compressor is not None:
+                        loss = loss + compressor.loss(outputs, batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    total, count = total + loss.item(), count + 1
+                    if compressor is not None:
+                        compressor.step()
+                        if self.summaries is not None:
+                            self.summaries.log_compressor(compressor)
+                if count == 0:
+                    raise ConfigError(f"task {task.name!r}: the train loader yielded no batches")
+                if self.summaries is not None:
+                    self.summaries.log_scalars({f"{label}/loss": total / count},
+                                               self.global_step + steps)
+                progress.update(bar, advance=1, loss=total / count)
+        self.global_step += steps
+        return steps
+
+    def measure(self, model: nn.Module, name: str, steps: int, wall_s: float,
+                compressor: Compressor | None = None) -> StageResult:
+        task = self.task
+        params = count_parameters(model)
+        nonzero = count_nonzero_parameters(model)
+        return StageResult(
+            name=name,
+            val_metric=task.metric(model, task.val_loader),
+            test_metric=task.metric(model, task.test_loader),
+            params=params,
+            nonzero_params=nonzero,
+            sparsity=1.0 - nonzero / max(1, params),
+            steps=steps,
+            wall_s=round(wall_s, 3),
+            techniques=[s.to_dict() for s in compressor.summaries()] if compressor else [],
+        )
+
+    # --- the run --------------------------------------------------------------------------
+    def baseline(self) -> tuple[nn.Module, StageResult]:
+        cfg = self.recipe.baseline
+        torch.manual_seed(self.recipe.seed)
+        model = self.task.make_model()
+        start = time.perf_counter()
+        steps = 0
+        if cfg.checkpoint:
+            load_into(model, load_state_dict_file(cfg.checkpoint), cfg.checkpoint)
+        else:
+            steps = self.train(model, cfg, "baseline")
+        return model, self.measure(model, "baseline", steps, time.perf_counter() - start)
+
+    def run_stage(self, model: nn.Module, index: int) -> tuple[nn.Module, StageResult]:
+        stage = self.recipe.stages[index]
+        torch.manual_seed(self.recipe.seed + index + 1)
+        start = time.perf_counter()
+        compressor = Compressor(list(stage.techniques)).apply(model)
+        if self.summaries is not None:
+            self.summaries.log_compressor(compressor, force=True)
+        steps = self.train(model, stage.train, stage.name, compressor)
+        if self.summaries is not None:
+            self.summaries.log_compressor(compressor, force=True)
+        model = compressor.finalize()
+        result = self.measure(model, stage.name, steps, time.perf_counter() - start, compressor)
+        for summary in compressor.summaries():
+            if self.show_progress:
+                print_summary(summary, self.console)
+        return model, result
+
+    def export(self, baseline: nn.Module, model: nn.Module) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        cfg = self.recipe.export
+        dense = self.run_dir / "model.safetensors"
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(dense) as tmp:
+            save_file(state, str(tmp))
+        out["dense"] = {"path": dense.name, "bytes": dense.stat().st_size}
+        if cfg.packed:
+            report = save_packed(model, self.run_dir / "model.packed.safetensors",
+                                 values_dtype=cfg.values_dtype,
+                                 metadata={"recipe": self.recipe.name, "task": self.task.name})
+            out["packed"] = {
+                "path": "model.packed.safetensors",
+                "bytes": report.bytes_on_disk,
+                "dense_fp32_bytes": dense_checkpoint_bytes(model),
+                "ratio": report.bytes_on_disk / dense_checkpoint_bytes(model),
+                "values_dtype": cfg.values_dtype,
+            }
+        if cfg.onnx:
+            example = self.task.example_inputs
+            export_onnx(baseline, example, self.run_dir / "baseline.onnx")
+            export_onnx(model, example, self.run_dir / "model.onnx")
+            out["onnx"] = {"baseline": "baseline.onnx", "model": "model.onnx"}
+        return out
+
+    def run(self) -> RunResult:
+        start = time.perf_counter()
+        atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+        with CompressionSummaries(self.run_dir / "tensorboard") as summaries:
+            self.summaries = summaries
+            model, base = self.baseline()
+            baseline_model = self.task.make_model()
+            baseline_model.load_state_dict(model.state_dict())
+            results = []
+            for index in range(len(self.recipe.stages)):
+                model, result = self.run_stage(model, index)
+                results.append(result)
+                summaries.log_scalars({f"{self.task.metric_name}/val": result.val_metric,
+                                       f"{self.task.metric_name}/test": result.test_metric},
+                                      self.global_step)
+            self.summaries = None
+        artifacts = self.export(baseline_model, model)
+        run = RunResult(recipe=self.recipe.name, task=self.task.name,
+                        metric_name=self.task.metric_name, run_dir=str(self.run_dir),
+                        baseline=base, stages=results, artifacts=artifacts,
+                        wall_s=round(time.perf_counter() - start, 3))
+        atomic_write_json(self.run_dir / "metrics.json", run.to_dict())
+        self.model = model
+        return run
+
+
+def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, *, progress: bool = True,
+               console: Console | None = None) -> RunResult:
+    """Validate the run folder, run the recipe, print and return the result."""
+    path = resolve_run_dir(recipe.name, run_dir)
+    runner = Runner(recipe, path, console=console, progress=progress)
+    return runner.run()

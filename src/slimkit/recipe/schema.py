@@ -1,0 +1,113 @@
+"""The recipe schema (version 1): typed, documented, unknown keys rejected.
+
+A recipe names a task, how the baseline is obtained (trained or loaded), then a list of stages; each
+stage fine-tunes with its own budget while its techniques act, and starts from the previous stage's
+result. ``export`` says what the run writes. Every field has a default except the stage techniques.
+YAML is read with ``yaml.safe_load``; no string is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from slimkit.core.config import Config
+from slimkit.errors import ConfigError
+from slimkit.prune.magnitude import MagnitudePruningConfig
+
+# Technique configs the recipe accepts; each new technique adds its config here.
+TechniqueConfig = Annotated[MagnitudePruningConfig, Field(discriminator="kind")]
+
+RECIPE_VERSION = 1
+
+
+class TrainBudget(Config):
+    """How a stage trains: epochs over the task's train data with one optimizer."""
+
+    epochs: int = Field(5, ge=0, description="passes over the training data (0 = no training)")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+
+
+class BaselineConfig(TrainBudget):
+    """The starting model: trained from scratch for ``epochs``, or loaded from ``checkpoint``."""
+
+    epochs: int = Field(15, ge=0)
+    lr: float = Field(3e-3, gt=0)
+    checkpoint: str | None = Field(
+        None, description="state_dict file (.safetensors or .pt, loaded weights_only) to start from"
+    )
+
+
+class StageConfig(Config):
+    """One stage: techniques applied, then fine-tuning under ``train`` while they act."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    train: TrainBudget = TrainBudget()
+    techniques: list[TechniqueConfig] = Field(default_factory=list)
+
+
+class ExportConfig(Config):
+    """What the run writes besides metrics: a packed sparse checkpoint and an fp32 ONNX model."""
+
+    packed: bool = True
+    values_dtype: Literal["float16", "float32"] = "float16"
+    onnx: bool = True
+
+
+class Recipe(Config):
+    """A whole compression run (see the module docstring)."""
+
+    version: Literal[1] = RECIPE_VERSION
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    task: str = Field("digits", description="built-in task name or 'package.module:function'")
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    baseline: BaselineConfig = BaselineConfig()
+    stages: list[StageConfig] = Field(..., min_length=1)
+    export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Recipe:
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe; every problem is one :class:`ConfigError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "parse error"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    return Recipe.from_dict(data, source=str(path))
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """The JSON Schema of :class:`Recipe` (``slimkit schema`` prints it)."""
+    schema = Recipe.model_json_schema()
+    schema["$id"] = f"https://slimkit.dev/recipe/v{RECIPE_VERSION}.json"
+    return schema
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text that :func:`load_recipe` reads back into an equal recipe."""
+    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Reports: TensorBoard summaries, console tables, metrics JSON."""
