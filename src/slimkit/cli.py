@@ -11,7 +11,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 
@@ -23,6 +22,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+)
+
+# Recent typer vendors its own copy of click (and does not depend on click); older typer re-exports
+# click's classes. Take ClickException from typer's own class tree so both work.
+_ClickException: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
 )
 
 RunDir = Annotated[
@@ -89,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"slimkit: error: {message}", file=sys.stderr)
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("slimkit: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except _ClickException as exc:
+        exc.show()  # type: ignore[attr-defined]
         return 2
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
     return 0
 

@@ -102,5 +102,7 @@ class Compressor:
 
     def _require_model(self) -> nn.Module:
         if self.model is None:
-            raise StateError("call Compressor.apply(model) before step/loss/finalize")
+            raise StateError("call Compressor.apply(model) before step/finalize/load_state_dict")
+        if self.finalized:
+            raise StateError("this Compressor is finalized; its techniques hold no state any more")
         return self.model

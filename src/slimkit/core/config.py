@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from typing_extensions import Self
-
 from pydantic import BaseModel, ConfigDict, ValidationError
+from typing_extensions import Self
 
 from slimkit.errors import ConfigError
 
@@ -46,6 +45,19 @@ def format_validation_error(exc: ValidationError, *, source: str | None = None) 
     return format_field_errors(field_errors(exc), source=source)
 
 
+def config_error(exc: ValidationError, *, source: str | None = None) -> ConfigError:
+    """A one-line :class:`ConfigError` with ``fields`` set; when every failure was raised as the
+    same subclass (e.g. :class:`~slimkit.errors.ScopeError` from a scope rule), that class."""
+    fields = field_errors(exc)
+    raised = {type((err.get("ctx") or {}).get("error")) for err in exc.errors()}
+    cls = raised.pop() if len(raised) == 1 else ConfigError
+    if not issubclass(cls, ConfigError):
+        cls = ConfigError
+    error = cls(format_field_errors(fields, source=source))
+    error.fields = fields
+    return error
+
+
 class Config(BaseModel):
     """Base of every slimkit config: frozen, keyword-only, unknown keys rejected."""
 
@@ -55,10 +67,7 @@ class Config(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            fields = field_errors(exc)
-            error = ConfigError(format_field_errors(fields, source=type(self).__name__))
-            error.fields = fields
-            raise error from None
+            raise config_error(exc, source=type(self).__name__) from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> Self:
@@ -66,10 +75,7 @@ class Config(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            fields = field_errors(exc)
-            error = ConfigError(format_field_errors(fields, source=source or cls.__name__))
-            error.fields = fields
-            raise error from None
+            raise config_error(exc, source=source or cls.__name__) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict; ``from_dict(to_dict())`` gives an equal config."""

@@ -3,8 +3,8 @@
 The math lives in pure functions (``constant_value``, ``polynomial_value``, ``trials_value``) and
 ``is_update_step``; the classes are thin validated configs over them. Every schedule answers two
 questions for a step: ``value(step)`` (the target in force) and ``is_update_step(step)`` (whether a
-technique should move toward it now). Before ``begin`` the value is ``0.0`` for pruning-style
-schedules that start from nothing, or ``initial`` where one is given.
+technique should move toward it now). Before ``begin`` the value is ``0.0`` (nothing is pruned
+yet), also for schedules that give an ``initial``; from ``begin`` on it never decreases.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class PolynomialSchedule(Schedule):
 
 
 class TrialsSchedule(Schedule):
-    """EasyCompression: ``num_trials`` equal steps toward ``target``, one every ``step_interval``."""
+    """EasyCompression: ``num_trials`` equal steps to ``target``, one every ``step_interval``."""
 
     kind: Literal["trials"] = "trials"
     initial: Unit = 0.0

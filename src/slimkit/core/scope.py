@@ -17,15 +17,16 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pydantic import Field
+from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.policy import Policy, make_policy
 from slimkit.errors import ScopeError, UnsupportedModuleError
-from torch import nn
 
 
 def _rule_kind(rule: str) -> str:
@@ -44,15 +45,20 @@ def rule_matches(rule: str, name: str, module: nn.Module) -> bool:
     if kind == "regex":
         return re.fullmatch(rule[3:], name) is not None
     if kind == "type":
-        wanted = rule[5:]
-        cls = type(module)
-        return wanted in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}") or any(
-            wanted in (base.__name__, f"{base.__module__}.{base.__qualname__}")
-            for base in cls.__mro__[1:]
-        )
+        return _type_matches(rule[5:], type(module))
     if kind == "glob":
         return fnmatch.fnmatchcase(name, rule)
     return name == rule
+
+
+def _type_matches(wanted: str, cls: type) -> bool:
+    """``wanted`` names ``cls`` or a base: ``Conv2d``, ``torch.nn.modules.conv.Conv2d``, or a
+    public alias such as ``torch.nn.Conv2d`` (looked up in already imported modules only)."""
+    if any(wanted in (k.__name__, f"{k.__module__}.{k.__qualname__}") for k in cls.__mro__):
+        return True
+    module_name, _, attr = wanted.rpartition(".")
+    target = getattr(sys.modules.get(module_name), attr, None) if module_name else None
+    return isinstance(target, type) and issubclass(cls, target)
 
 
 def validate_rule(rule: str) -> str:

@@ -41,8 +41,9 @@ class InspectReport:
             table.add_column(column)
         for r in self.rows:
             style = "dim" if r.action == "skip" else ""
-            table.add_row(r.stage, r.technique, r.module, r.module_type, r.action, r.reason,
-                          style=style)
+            table.add_row(
+                r.stage, r.technique, r.module, r.module_type, r.action, r.reason, style=style
+            )
         return table
 
 
@@ -57,9 +58,13 @@ def inspect_recipe(recipe: Recipe) -> InspectReport:
             technique = make_technique(config)
             selection = technique.plan(model)
             for name, module in selection.selected:
-                report.rows.append(InspectRow(stage.name, technique.kind, name,
-                                              module_type_name(module), "touch"))
+                report.rows.append(
+                    InspectRow(stage.name, technique.kind, name, module_type_name(module), "touch")
+                )
             for name, reason in selection.skipped:
-                report.rows.append(InspectRow(stage.name, technique.kind, name,
-                                              types.get(name, "?"), "skip", reason))
+                report.rows.append(
+                    InspectRow(
+                        stage.name, technique.kind, name, types.get(name, "?"), "skip", reason
+                    )
+                )
     return report

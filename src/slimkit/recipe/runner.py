@@ -71,28 +71,52 @@ class RunResult:
         m = self.metric_name
         base, final = self.baseline, self.final
         rows = [
-            [f"test {m}", base.test_metric, final.test_metric, final.test_metric - base.test_metric],
-            ["sparsity (all params)", base.sparsity, final.sparsity, final.sparsity - base.sparsity],
-            ["nonzero params", base.nonzero_params, final.nonzero_params,
-             final.nonzero_params - base.nonzero_params],
+            [
+                f"test {m}",
+                base.test_metric,
+                final.test_metric,
+                final.test_metric - base.test_metric,
+            ],
+            [
+                "sparsity (all params)",
+                base.sparsity,
+                final.sparsity,
+                final.sparsity - base.sparsity,
+            ],
+            [
+                "nonzero params",
+                base.nonzero_params,
+                final.nonzero_params,
+                final.nonzero_params - base.nonzero_params,
+            ],
         ]
         packed = self.artifacts.get("packed")
         if packed:
-            rows.append(["checkpoint bytes", packed["dense_fp32_bytes"], packed["bytes"],
-                         f"x{packed['ratio']:.3f}"])
+            rows.append(
+                [
+                    "checkpoint bytes",
+                    packed["dense_fp32_bytes"],
+                    packed["bytes"],
+                    f"x{packed['ratio']:.3f}",
+                ]
+            )
         rows.append(["wall time s", base.wall_s, sum(s.wall_s for s in self.stages), ""])
         return rows
 
     def __str__(self) -> str:
         console = Console(width=100, record=True, file=io.StringIO())
-        console.print(make_table(f"{self.recipe}: before / after", ["metric", "baseline",
-                                                                     "compressed", "change"],
-                                 self.rows()))
+        console.print(
+            make_table(
+                f"{self.recipe}: before / after",
+                ["metric", "baseline", "compressed", "change"],
+                self.rows(),
+            )
+        )
         return console.export_text()
 
 
 def resolve_run_dir(name: str, run_dir: str | Path | None, *, root: str | Path = "runs") -> Path:
-    """An explicit ``run_dir`` must be new or empty; the default ``runs/NAME`` gets a free suffix."""
+    """An explicit ``run_dir`` must be new or empty; default ``runs/NAME`` gets a free suffix."""
     if run_dir is not None:
         path = Path(run_dir)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -133,15 +157,17 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"checkpoint {source} does not fit {type(model).__name__}: "
-                              f"{detail}") from None
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {type(model).__name__}: {detail}"
+        ) from None
 
 
 def make_optimizer(params: Iterable[nn.Parameter], budget: TrainBudget) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if budget.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=budget.lr, momentum=budget.momentum,
-                               weight_decay=budget.weight_decay)
+        return torch.optim.SGD(
+            params, lr=budget.lr, momentum=budget.momentum, weight_decay=budget.weight_decay
+        )
     cls = torch.optim.AdamW if budget.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=budget.lr, weight_decay=budget.weight_decay)
 
@@ -149,8 +175,15 @@ def make_optimizer(params: Iterable[nn.Parameter], budget: TrainBudget) -> torch
 class Runner:
     """Executes a :class:`Recipe`; the CLI and the Python API both use it."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, *, console: Console | None = None,
-                 progress: bool = True, task: Task | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        *,
+        console: Console | None = None,
+        progress: bool = True,
+        task: Task | None = None,
+    ) -> None:
         self.recipe = recipe
         self.run_dir = run_dir
         self.console = console or Console()
@@ -160,15 +193,27 @@ class Runner:
         self.global_step = 0
 
     # --- training -------------------------------------------------------------------------
-    def train(self, model: nn.Module, budget: TrainBudget, label: str,
-              compressor: Compressor | None = None) -> int:
+    def train(
+        self,
+        model: nn.Module,
+        budget: TrainBudget,
+        label: str,
+        compressor: Compressor | None = None,
+    ) -> int:
         """Train ``budget.epochs`` epochs; step the compressor after every optimizer step."""
         task = self.task
         optimizer = make_optimizer(model.parameters(), budget)
         steps = 0
-        progress = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                            console=self.console, disable=not self.show_progress, transient=False)
+        progress = Progress(
+            TextColumn(f"[bold]{label}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not self.show_progress,
+            transient=False,
+        )
         with progress:
             bar = progress.add_task(label, total=budget.epochs, loss=float("nan"))
             for epoch in range(budget.epochs):
@@ -192,14 +237,21 @@ class Runner:
                 if count == 0:
                     raise ConfigError(f"task {task.name!r}: the train loader yielded no batches")
                 if self.summaries is not None:
-                    self.summaries.log_scalars({f"{label}/loss": total / count},
-                                               self.global_step + steps)
+                    self.summaries.log_scalars(
+                        {f"{label}/loss": total / count}, self.global_step + steps
+                    )
                 progress.update(bar, advance=1, loss=total / count)
         self.global_step += steps
         return steps
 
-    def measure(self, model: nn.Module, name: str, steps: int, wall_s: float,
-                compressor: Compressor | None = None) -> StageResult:
+    def measure(
+        self,
+        model: nn.Module,
+        name: str,
+        steps: int,
+        wall_s: float,
+        compressor: Compressor | None = None,
+    ) -> StageResult:
         task = self.task
         params = count_parameters(model)
         nonzero = count_nonzero_parameters(model)
@@ -254,9 +306,12 @@ class Runner:
             save_file(state, str(tmp))
         out["dense"] = {"path": dense.name, "bytes": dense.stat().st_size}
         if cfg.packed:
-            report = save_packed(model, self.run_dir / "model.packed.safetensors",
-                                 values_dtype=cfg.values_dtype,
-                                 metadata={"recipe": self.recipe.name, "task": self.task.name})
+            report = save_packed(
+                model,
+                self.run_dir / "model.packed.safetensors",
+                values_dtype=cfg.values_dtype,
+                metadata={"recipe": self.recipe.name, "task": self.task.name},
+            )
             out["packed"] = {
                 "path": "model.packed.safetensors",
                 "bytes": report.bytes_on_disk,
@@ -283,22 +338,37 @@ class Runner:
             for index in range(len(self.recipe.stages)):
                 model, result = self.run_stage(model, index)
                 results.append(result)
-                summaries.log_scalars({f"{self.task.metric_name}/val": result.val_metric,
-                                       f"{self.task.metric_name}/test": result.test_metric},
-                                      self.global_step)
+                summaries.log_scalars(
+                    {
+                        f"{self.task.metric_name}/val": result.val_metric,
+                        f"{self.task.metric_name}/test": result.test_metric,
+                    },
+                    self.global_step,
+                )
             self.summaries = None
         artifacts = self.export(baseline_model, model)
-        run = RunResult(recipe=self.recipe.name, task=self.task.name,
-                        metric_name=self.task.metric_name, run_dir=str(self.run_dir),
-                        baseline=base, stages=results, artifacts=artifacts,
-                        wall_s=round(time.perf_counter() - start, 3))
+        run = RunResult(
+            recipe=self.recipe.name,
+            task=self.task.name,
+            metric_name=self.task.metric_name,
+            run_dir=str(self.run_dir),
+            baseline=base,
+            stages=results,
+            artifacts=artifacts,
+            wall_s=round(time.perf_counter() - start, 3),
+        )
         atomic_write_json(self.run_dir / "metrics.json", run.to_dict())
         self.model = model
         return run
 
 
-def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, *, progress: bool = True,
-               console: Console | None = None) -> RunResult:
+def run_recipe(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    console: Console | None = None,
+) -> RunResult:
     """Validate the run folder, run the recipe, print and return the result."""
     path = resolve_run_dir(recipe.name, run_dir)
     runner = Runner(recipe, path, console=console, progress=progress)

@@ -12,7 +12,7 @@ from slimkit.tasks.base import Task
 from slimkit.tasks.data import evaluate_accuracy, load_digits_split
 
 
-def make_digits_task(*, seed: int = 0, batch_size: int = 64, width: int = 32) -> Task:
+def make_digits_task(*, seed: int = 0, batch_size: int = 64, width: int = 16) -> Task:
     """Digits classification (1797 images, fixed stratified 70/15/15 split from ``seed``)."""
     split = load_digits_split(seed=seed)
     loaders = split.loaders(batch_size=batch_size, seed=seed)

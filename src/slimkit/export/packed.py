@@ -1,0 +1,339 @@
+"""Sparse "packed" checkpoints: a pruned state_dict as a compact safetensors file.
+
+Each floating tensor (float16, bfloat16, float32, float64) is stored with the smallest of:
+
+- ``dense``: every value, stored as ``{name}::dense``;
+- ``bitmask``: ``np.packbits`` of the nonzero mask (``{name}::mask``, uint8) plus the nonzero
+  values in flat order (``{name}::values``);
+- ``index``: gaps between nonzero flat positions as uint8 codes (``{name}::index``) plus the
+  values. A gap ``g`` is written as ``g // 255`` bytes of 255 followed by one byte ``g % 255``.
+
+Other tensors (integer buffers, bool masks, float8, complex) are stored as-is (``raw``).
+Values are stored in ``values_dtype``, or in the tensor's own dtype when that is no wider, and come
+back in the original dtype. Zeros (+0.0 and -0.0 alike) come back as +0.0; NaN and inf survive.
+The file's ``__metadata__`` holds one JSON record under the key ``slimkit.packed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from slimkit.errors import CheckpointError, ConfigError
+from slimkit.io import atomic_path
+from slimkit.measure.size import dense_checkpoint_bytes, file_size
+
+FORMAT = "slimkit-packed"
+VERSION = 1
+METADATA_KEY = "slimkit.packed"
+PathLike = str | os.PathLike[str]
+ValuesDtype = Literal["float32", "float16"]
+Encoding = Literal["dense", "bitmask", "index", "raw"]
+
+_PARTS: dict[str, tuple[str, ...]] = {
+    "dense": ("dense",),
+    "bitmask": ("mask", "values"),
+    "index": ("index", "values"),
+    "raw": ("raw",),
+}
+_PACKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_PART_OVERHEAD = 80  # approximate safetensors header bytes per stored part, used to rank encodings
+
+
+def encode_gaps(positions: np.ndarray) -> np.ndarray:
+    """Encode strictly increasing, non-negative flat positions as uint8 gap codes."""
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    gaps = np.diff(positions, prepend=-1) - 1
+    if gaps.size and gaps.min() < 0:
+        raise ConfigError("positions must be strictly increasing and >= 0")
+    lengths = gaps // 255 + 1
+    codes = np.full(int(lengths.sum()), 255, dtype=np.uint8)
+    codes[np.cumsum(lengths) - 1] = gaps % 255
+    return codes
+
+
+def decode_gaps(codes: np.ndarray) -> np.ndarray:
+    """Invert :func:`encode_gaps`: return the int64 flat positions."""
+    codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    if codes.size and codes[-1] == 255:
+        raise CheckpointError("index codes end inside an escape sequence (last byte is 255)")
+    ends = np.flatnonzero(codes != 255)
+    return np.cumsum(codes, dtype=np.int64)[ends] + np.arange(ends.size, dtype=np.int64)
+
+
+def encode_tensor(
+    x: torch.Tensor, *, values_dtype: ValuesDtype = "float16", encoding: Encoding | None = None
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """Return ``(encoding, parts)`` for ``x``; ``encoding=None`` picks the smallest one."""
+    x = x.detach().cpu()
+    allowed = ("dense", "bitmask", "index") if x.dtype in _PACKABLE else ("raw",)
+    if encoding is not None and encoding not in allowed:
+        raise ConfigError(f"encoding for a {x.dtype} tensor must be in {allowed}, got {encoding!r}")
+    if allowed == ("raw",):
+        return "raw", {"raw": x.clone(memory_format=torch.contiguous_format)}
+    vdtype = _values_dtype(values_dtype)
+    vdtype = x.dtype if x.dtype.itemsize <= vdtype.itemsize else vdtype
+    flat = x.reshape(-1)
+    nonzero = flat != 0  # NaN counts as nonzero; +0.0 and -0.0 as zero
+    values = flat[nonzero].to(vdtype)
+    build = {
+        "dense": lambda: {"dense": flat.masked_fill(~nonzero, 0).to(vdtype).reshape(x.shape)},
+        "bitmask": lambda: {"mask": torch.from_numpy(np.packbits(nonzero.numpy()))},
+        "index": lambda: {"index": torch.from_numpy(encode_gaps(np.flatnonzero(nonzero.numpy())))},
+    }
+    if encoding is None and values.numel() >= (flat.numel() + 7) // 8:
+        build.pop("index")  # its codes take >= 1 byte per nonzero, never less than the mask
+    candidates = {name: make() for name, make in build.items() if encoding in (None, name)}
+    for name in ("bitmask", "index"):
+        if name in candidates:
+            candidates[name]["values"] = values
+    best = min(candidates, key=lambda name: _cost(candidates[name]))
+    return best, candidates[best]
+
+
+def decode_tensor(
+    encoding: str,
+    parts: Mapping[str, torch.Tensor],
+    *,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Rebuild the dense tensor from :func:`encode_tensor` output; raise CheckpointError if bad."""
+    shape, numel = tuple(shape), math.prod(shape)
+    if encoding in ("dense", "raw"):
+        stored = parts[encoding]
+        if tuple(stored.shape) != shape:
+            raise CheckpointError(f"{name}: stored shape {tuple(stored.shape)}, expected {shape}")
+        return stored.to(dtype)
+    if encoding not in ("bitmask", "index"):
+        raise CheckpointError(f"{name}: unknown encoding {encoding!r}")
+    code = parts[_PARTS[encoding][0]]
+    values = parts["values"]
+    if code.dtype != torch.uint8 or code.dim() != 1 or values.dim() != 1:
+        raise CheckpointError(f"{name}: {encoding} parts must be 1-D, the {encoding} part uint8")
+    if encoding == "bitmask":
+        if code.numel() != (numel + 7) // 8:
+            raise CheckpointError(f"{name}: mask has {code.numel()} bytes, expected {numel} bits")
+        positions = np.flatnonzero(np.unpackbits(code.numpy(), count=numel))
+    else:
+        try:
+            positions = decode_gaps(code.numpy())
+        except CheckpointError as exc:
+            raise CheckpointError(f"{name}: {exc}") from exc
+        if positions.size and positions[-1] >= numel:
+            raise CheckpointError(f"{name}: index points past the end of {numel} elements")
+    if positions.size != values.numel():
+        count = f"{positions.size} nonzeros but {values.numel()} values"
+        raise CheckpointError(f"{name}: {encoding} part marks {count}")
+    out = torch.zeros(numel, dtype=dtype)
+    out[torch.from_numpy(positions)] = values.to(dtype)
+    return out.reshape(shape)
+
+
+@dataclass(frozen=True)
+class PackedTensorInfo:
+    """How one tensor was stored: ``stored_bytes`` counts payload bytes, not header bytes."""
+
+    name: str
+    encoding: str
+    shape: tuple[int, ...]
+    dtype: str
+    nonzero: int | None
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class PackedReport:
+    """Result of :func:`save_packed`.
+
+    ``dense_fp32_bytes`` is the size of a safetensors file holding the same state dict with every
+    floating tensor in float32 (measured by serialising it); ``ratio`` is
+    ``bytes_on_disk / dense_fp32_bytes``.
+    """
+
+    path: Path
+    bytes_on_disk: int
+    dense_fp32_bytes: int
+    ratio: float
+    values_dtype: str
+    tensors: tuple[PackedTensorInfo, ...]
+
+    @property
+    def encodings(self) -> dict[str, str]:
+        """Map tensor name to its encoding."""
+        return {info.name: info.encoding for info in self.tensors}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return {**asdict(self), "path": str(self.path)}
+
+    def __str__(self) -> str:
+        head = (
+            f"packed checkpoint {self.path}: {self.bytes_on_disk:,} bytes = {self.ratio:.3f}x "
+            f"of dense fp32 ({self.dense_fp32_bytes:,} bytes), values {self.values_dtype}"
+        )
+        rows = [("tensor", "shape", "dtype", "encoding", "nonzero", "stored bytes")]
+        for t in self.tensors:
+            nonzero = "-" if t.nonzero is None else f"{t.nonzero:,}"
+            shape = "x".join(map(str, t.shape)) or "scalar"
+            rows.append((t.name, shape, t.dtype, t.encoding, nonzero, f"{t.stored_bytes:,}"))
+        widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+        lines = ["  ".join(map(str.ljust, row, widths)).rstrip() for row in rows]
+        return "\n".join([head, *lines])
+
+
+def save_packed(
+    state_dict_or_module: Mapping[str, torch.Tensor] | nn.Module,
+    path: PathLike,
+    *,
+    values_dtype: ValuesDtype = "float16",
+    metadata: dict[str, str] | None = None,
+) -> PackedReport:
+    """Write a packed checkpoint atomically; a failed write leaves any existing file intact."""
+    state_dict = state_dict_or_module
+    if isinstance(state_dict, nn.Module):
+        state_dict = state_dict.state_dict()
+    elif not isinstance(state_dict, Mapping):
+        raise ConfigError(f"expected a state_dict or nn.Module, got {type(state_dict).__name__}")
+    _values_dtype(values_dtype)
+    user = dict(metadata or {})
+    for key, value in user.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
+    stored: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    infos = []
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"state_dict[{name!r}] must be a tensor, got {type(tensor).__name__}")
+        if "::" in name:
+            raise ConfigError(f"tensor name {name!r} must not contain '::' (used for part names)")
+        encoding, parts = encode_tensor(tensor, values_dtype=values_dtype)
+        stored.update({f"{name}::{suffix}": part for suffix, part in parts.items()})
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        entries[name] = {"encoding": encoding, "shape": list(tensor.shape), "dtype": dtype}
+        nonzero = int(torch.count_nonzero(tensor)) if encoding != "raw" else None
+        size = sum(p.numel() * p.element_size() for p in parts.values())
+        infos.append(PackedTensorInfo(name, encoding, tuple(tensor.shape), dtype, nonzero, size))
+    record = {"format": FORMAT, "version": VERSION, "values_dtype": values_dtype}
+    record |= {"tensors": entries, "metadata": user}
+    try:
+        with atomic_path(path) as tmp:
+            header = {METADATA_KEY: json.dumps(record)}
+            safetensors.torch.save_file(stored, str(tmp), metadata=header)
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"could not write packed checkpoint {path}: {_line(exc)}") from exc
+    on_disk, dense = file_size(path), dense_checkpoint_bytes(state_dict)
+    return PackedReport(Path(path), on_disk, dense, on_disk / dense, values_dtype, tuple(infos))
+
+
+def load_packed(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Return ``(state_dict, user_metadata)``: dense tensors in their original dtype, zeros +0.0."""
+    if not Path(path).exists():
+        raise CheckpointError(f"packed checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            stored = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {_line(exc)}") from exc
+    record = _read_record(header, path)
+    state_dict: dict[str, torch.Tensor] = {}
+    for name, entry in record["tensors"].items():
+        what = f"{path}: tensor {name!r}"
+        entry = entry if isinstance(entry, dict) else {}
+        encoding, shape = entry.get("encoding"), entry.get("shape")
+        dtype = getattr(torch, str(entry.get("dtype")), None)
+        shape_ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        if encoding not in _PARTS or not isinstance(dtype, torch.dtype) or not shape_ok:
+            raise CheckpointError(f"{what} has a bad metadata entry {entry}")
+        if missing := [sfx for sfx in _PARTS[encoding] if f"{name}::{sfx}" not in stored]:
+            raise CheckpointError(f"{what} lacks stored part(s) {_names(missing)}")
+        parts = {suffix: stored.pop(f"{name}::{suffix}") for suffix in _PARTS[encoding]}
+        state_dict[name] = decode_tensor(encoding, parts, shape=shape, dtype=dtype, name=what)
+    if stored:
+        raise CheckpointError(f"{path}: stored tensors not described by metadata: {_names(stored)}")
+    return state_dict, record["metadata"]
+
+
+def load_packed_into(module: nn.Module, path: PathLike, *, strict: bool = True) -> dict[str, str]:
+    """Load a packed checkpoint into ``module`` and return the user metadata.
+
+    Shape mismatches always raise CheckpointError; missing or unexpected keys raise it when
+    ``strict``.
+    """
+    state_dict, user = load_packed(path)
+    own = module.state_dict()
+    found = {
+        "missing keys": [k for k in own if k not in state_dict] if strict else [],
+        "unexpected keys": [k for k in state_dict if k not in own] if strict else [],
+        "shape mismatch": [
+            f"{k} checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state_dict.items()
+            if k in own and v.shape != own[k].shape
+        ],
+    }
+    if problems := [f"{kind} {_names(keys)}" for kind, keys in found.items() if keys]:
+        where = f"packed checkpoint {path} does not fit {type(module).__name__}"
+        raise CheckpointError(f"{where}: {'; '.join(problems)}")
+    try:
+        module.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"could not load {path} into {type(module).__name__}: {_line(exc)}"
+        ) from exc
+    return user
+
+
+def _read_record(header: dict[str, str], path: PathLike) -> dict[str, Any]:
+    if METADATA_KEY not in header:
+        raise CheckpointError(f"{path} is not a slimkit packed checkpoint (no {METADATA_KEY!r})")
+    try:
+        record = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: {METADATA_KEY!r} metadata is not JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: {METADATA_KEY!r} metadata must be a JSON object")
+    found = (record.get("format"), record.get("version"))
+    if found != (FORMAT, VERSION):
+        raise CheckpointError(
+            f"{path}: format {found[0]!r} version {found[1]!r} is not supported "
+            f"(expected {FORMAT!r} version {VERSION})"
+        )
+    if not isinstance(record.get("tensors"), dict) or not isinstance(record.get("metadata"), dict):
+        raise CheckpointError(f"{path}: metadata record lacks 'tensors' or 'metadata' objects")
+    return record
+
+
+def _values_dtype(values_dtype: str) -> torch.dtype:
+    if values_dtype not in _VALUES_DTYPES:
+        raise ConfigError(f"values_dtype must be 'float32' or 'float16', got {values_dtype!r}")
+    return _VALUES_DTYPES[values_dtype]
+
+
+def _cost(parts: Mapping[str, torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() + _PART_OVERHEAD for p in parts.values())
+
+
+def _names(keys: Any, limit: int = 5) -> str:
+    keys = list(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(map(str, keys[:limit])) + more
+
+
+def _line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

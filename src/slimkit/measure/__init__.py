@@ -1,0 +1,1 @@
+"""Measurement: latency, size, FLOPs/params, fidelity."""
