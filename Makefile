@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q --durations=10
 
 bench: setup
 	$(BIN)/python benchmarks/prune_digits.py

@@ -79,7 +79,9 @@ class MagnitudePruningConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> MagnitudePruningConfig:
-        if (self.sparsity is None) == (self.schedule is None) and not isinstance(self.pattern, NM):
+        both = self.sparsity is not None and self.schedule is not None
+        neither = self.sparsity is None and self.schedule is None
+        if both or (neither and not isinstance(self.pattern, NM)):
             raise ValueError("give exactly one of 'sparsity' or 'schedule'")
         if isinstance(self.pattern, NM):
             if self.ranking == "global":
@@ -216,7 +218,8 @@ class MagnitudePruning(Technique):
             if int(state.importance_count) == 0:
                 raise StateError(
                     f"{self.kind}: taylor importance for {name!r} has seen no gradient; start the "
-                    "schedule after at least one backward pass (begin >= 1)"
+                    "schedule after at least one backward pass (begin >= 1), and call "
+                    "compressor.step() before optimizer.zero_grad()"
                 )
             return state.importance / state.importance_count
         return state.importance

@@ -28,7 +28,7 @@ Tensor = torch.Tensor
 def prune_count(numel: int, sparsity: float) -> int:
     """Number of elements to prune for ``sparsity`` (round half up, never all of them)."""
     count = math.floor(sparsity * numel + 0.5)
-    return min(max(count, 0), numel)
+    return min(max(count, 0), max(numel - 1, 0))
 
 
 def prune_units(
@@ -48,7 +48,8 @@ def prune_units(
     cumulative = torch.cumsum(sizes[order].double(), 0)
     already_size = float(sizes[already].sum())
     limit = max(float(target), already_size)
-    n_prune = int(torch.searchsorted(cumulative, torch.tensor(limit, dtype=torch.float64), right=True))
+    bound = torch.tensor(limit, dtype=torch.float64, device=cumulative.device)
+    n_prune = int(torch.searchsorted(cumulative, bound, right=True))
     n_prune = max(n_prune, int(already.sum()))
     if keep is not None:
         n_prune = min(n_prune, int((~keep | already).sum()))
@@ -177,7 +178,8 @@ def global_masks(
     per_layer = [unit_scores(s, m, block) for s, m in zip(scores, masks, strict=True)]
     keeps = []
     for flat, _, already in per_layer:
-        n_keep = max(1, math.ceil((1.0 - max_layer_sparsity) * flat.numel()))
+        # round first: (1 - 0.98) * 100 is 2.0000000000000018 in floats, and ceil would keep 3
+        n_keep = max(1, math.ceil(round((1.0 - max_layer_sparsity) * flat.numel(), 9)))
         ranked = flat.double().clone()
         ranked[already] = -math.inf
         top = torch.topk(ranked, min(n_keep, flat.numel())).indices

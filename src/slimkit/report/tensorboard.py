@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from slimkit.core.compressor import Compressor
+from slimkit.errors import ConfigError
 
 
 class CompressionSummaries:
@@ -19,6 +20,8 @@ class CompressionSummaries:
     def __init__(self, log_dir: str | Path, *, every: int = 50) -> None:
         from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is heavy
 
+        if every < 1:
+            raise ConfigError(f"CompressionSummaries: every must be >= 1 step, got {every!r}")
         self.log_dir = Path(log_dir)
         self.every = every
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
