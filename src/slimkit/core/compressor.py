@@ -4,10 +4,12 @@
 
     compressor = Compressor([MagnitudePruning(cfg)]).apply(model)
     for batch in loader:
+        optimizer.zero_grad()
         loss = loss_fn(model(x), y)
         loss = loss + compressor.loss(outputs, batch)   # only where a technique adds a loss
-        loss.backward(); optimizer.step(); optimizer.zero_grad()
-        compressor.step()                               # after optimizer.step()
+        loss.backward(); optimizer.step()
+        compressor.step()                               # after optimizer.step(), before the
+                                                        # next zero_grad (taylor reads .grad)
     plain = compressor.finalize()
 
 It never owns the optimizer or the data. ``state_dict``/``load_state_dict`` resume exactly.

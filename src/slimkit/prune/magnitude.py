@@ -249,10 +249,16 @@ class MagnitudePruning(Technique):
                 M.nm_mask(sc, s.mask, pattern.n, pattern.m, target)
                 for sc, (_, _, s) in zip(scores, states, strict=True)
             ]
-            self.thresholds = {n: _threshold(sc, nm) for (n, _, _), sc, nm in zip(states, scores, new, strict=True)}
+            self.thresholds = {
+                n: _threshold(sc, nm) for (n, _, _), sc, nm in zip(states, scores, new, strict=True)
+            }
         elif self.config.ranking == "global":
             new, threshold = M.global_masks(
-                scores, [s.mask for _, _, s in states], target, self.config.max_layer_sparsity, block
+                scores,
+                [s.mask for _, _, s in states],
+                target,
+                self.config.max_layer_sparsity,
+                block,
             )
             self.thresholds = {n: threshold for n, _, _ in states}
         else:
@@ -260,7 +266,9 @@ class MagnitudePruning(Technique):
                 M.layer_mask(sc, s.mask, target, block)
                 for sc, (_, _, s) in zip(scores, states, strict=True)
             ]
-            self.thresholds = {n: _threshold(sc, nm) for (n, _, _), sc, nm in zip(states, scores, new, strict=True)}
+            self.thresholds = {
+                n: _threshold(sc, nm) for (n, _, _), sc, nm in zip(states, scores, new, strict=True)
+            }
         for (_, _, state), mask in zip(states, new, strict=True):
             state.mask.copy_(mask)
             if self.config.importance == "taylor":
@@ -287,8 +295,13 @@ class MagnitudePruning(Technique):
 
     def _rows(self) -> list[list[Any]]:
         return [
-            [n, module_type_name(m), s.mask.numel(), round(M.mask_sparsity(s.mask), 4),
-             self.thresholds.get(n, float("nan"))]
+            [
+                n,
+                module_type_name(m),
+                s.mask.numel(),
+                round(M.mask_sparsity(s.mask), 4),
+                self.thresholds.get(n, float("nan")),
+            ]
             for n, m, s in self._states()
         ]
 
@@ -301,8 +314,11 @@ class MagnitudePruning(Technique):
             technique=self.kind,
             columns=["module", "type", "weights", "sparsity", "threshold"],
             rows=rows,
-            totals={"weights": total, "sparsity": round(zeros / max(1, total), 4),
-                    "target": self.target},
+            totals={
+                "weights": total,
+                "sparsity": round(zeros / max(1, total), 4),
+                "target": self.target,
+            },
             skipped=list(selection.skipped),
         )
 

@@ -23,7 +23,9 @@ def _cell(value: Any) -> str:
 def make_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("module", "type", "metric") else "right")
+        table.add_column(
+            column, justify="left" if column in ("module", "type", "metric") else "right"
+        )
     for row in rows:
         table.add_row(*(_cell(v) for v in row))
     return table
