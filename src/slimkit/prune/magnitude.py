@@ -1,8 +1,9 @@
 """Magnitude pruning of Linear/Conv weights with schedules, patterns and rankings.
 
 Masks live on the model as ``torch.nn.utils.parametrize`` parametrizations (:class:`WeightMask`,
-buffers ``mask`` and ``importance``), so ``state_dict``, ``.to()``, DDP and ``torch.compile`` see them
-as ordinary module state. Biases are never pruned. ``finalize`` bakes the zeros into plain weights.
+buffers ``mask`` and ``importance``), so ``state_dict``, ``.to()``, DDP and ``torch.compile``
+see them as ordinary module state. Biases are never pruned. ``finalize`` bakes the zeros into
+plain weights.
 """
 
 from __future__ import annotations
