@@ -855,3 +855,18 @@ def test_resume_in_a_new_process_gives_the_same_masks(tmp_path):
     assert set(resumed["model"]) == set(reference_state)
     for key, value in reference_state.items():
         assert torch.allclose(resumed["model"][key], value, rtol=1e-6, atol=1e-7), key
+
+
+def test_lamp_global_ranking_spares_layers_with_small_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)  # raw magnitude would put almost all pruning here
+    plain = MagnitudePruningConfig(sparsity=0.5, ranking="global", max_layer_sparsity=0.99)
+    lamp = MagnitudePruningConfig(
+        sparsity=0.5, ranking="global", importance="lamp", max_layer_sparsity=0.99
+    )
+    by_magnitude = Compressor([plain]).apply(copy.deepcopy(model)).techniques[0].layer_sparsity()
+    by_lamp = Compressor([lamp]).apply(copy.deepcopy(model)).techniques[0].layer_sparsity()
+    assert by_magnitude["0"] > 0.95
+    assert abs(by_lamp["0"] - 0.5) < 0.1 and abs(by_lamp["1"] - 0.5) < 0.1

@@ -1,24 +1,47 @@
 """Sparse "packed" checkpoints: a pruned state_dict as a compact safetensors file.
 
-Each floating tensor (float16, bfloat16, float32, float64) is stored with the smallest of:
+Each floating tensor (float16, bfloat16, float32, float64) is encoded with whichever of these
+takes the fewest payload bytes:
 
-- ``dense``: every value, stored as ``{name}::dense``;
-- ``bitmask``: ``np.packbits`` of the nonzero mask (``{name}::mask``, uint8) plus the nonzero
-  values in flat order (``{name}::values``);
-- ``index``: gaps between nonzero flat positions as uint8 codes (``{name}::index``) plus the
-  values. A gap ``g`` is written as ``g // 255`` bytes of 255 followed by one byte ``g % 255``.
+- ``dense``: every value (part ``dense``);
+- ``bitmask``: ``np.packbits`` of the nonzero mask (part ``mask``, uint8) plus the nonzero values
+  in flat order (part ``values``);
+- ``index``: gaps between nonzero flat positions as uint8 codes (part ``index``) plus the values.
+  A gap ``g`` is written as ``g // 255`` bytes of 255 followed by one byte ``g % 255``.
 
-Other tensors (integer buffers, bool masks, float8, complex) are stored as-is (``raw``).
+Other tensors (integer buffers, bool masks, float8, complex) are stored as-is (part ``raw``).
 Values are stored in ``values_dtype``, or in the tensor's own dtype when that is no wider, and come
 back in the original dtype. Zeros (+0.0 and -0.0 alike) come back as +0.0; NaN and inf survive.
-The file's ``__metadata__`` holds one JSON record under the key ``slimkit.packed``.
+
+File layout (version 2). The parts of all tensors are concatenated, in state_dict order, into a
+few 1-D safetensors entries ("blobs") keyed by role and dtype, so the safetensors header stays a
+small constant however many tensors there are:
+
+- ``bits`` (uint8): every ``mask`` and ``index`` part;
+- ``values.<dtype>`` (e.g. ``values.float16``): every ``values`` and (flattened) ``dense`` part
+  stored in that dtype;
+- ``raw.<dtype>`` (e.g. ``raw.int64``): every (flattened) ``raw`` part of that dtype.
+
+The safetensors ``__metadata__`` holds two string values:
+
+- ``slimkit.packed``: the record, compact JSON, zlib-compressed, base64-encoded::
+
+    {"format": "slimkit-packed", "version": 2, "values_dtype": "float16",
+     "blobs": ["bits", "values.float16", ...],
+     "tensors": {name: [encoding, shape, dtype, [[blob, offset, length], ...]], ...}}
+
+  with one ``[blob, offset, length]`` per part (in the order listed above), ``blob`` an index
+  into ``blobs`` and ``offset``/``length`` counted in elements of that blob;
+- ``slimkit.user_metadata``: the user's metadata as plain JSON (an object of strings).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +58,9 @@ from slimkit.io import atomic_path
 from slimkit.measure.size import dense_checkpoint_bytes, file_size
 
 FORMAT = "slimkit-packed"
-VERSION = 1
+VERSION = 2
 METADATA_KEY = "slimkit.packed"
+USER_METADATA_KEY = "slimkit.user_metadata"
 PathLike = str | os.PathLike[str]
 ValuesDtype = Literal["float32", "float16"]
 Encoding = Literal["dense", "bitmask", "index", "raw"]
@@ -49,7 +73,7 @@ _PARTS: dict[str, tuple[str, ...]] = {
 }
 _PACKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-_PART_OVERHEAD = 80  # approximate safetensors header bytes per stored part, used to rank encodings
+_MAX_RECORD_BYTES = 1 << 30  # refuse records that inflate past this (a corrupt or hostile file)
 
 
 def encode_gaps(positions: np.ndarray) -> np.ndarray:
@@ -117,7 +141,7 @@ def decode_tensor(
         stored = parts[encoding]
         if tuple(stored.shape) != shape:
             raise CheckpointError(f"{name}: stored shape {tuple(stored.shape)}, expected {shape}")
-        return stored.to(dtype)
+        return stored.to(dtype, copy=True)  # never a view of the stored part
     if encoding not in ("bitmask", "index"):
         raise CheckpointError(f"{name}: unknown encoding {encoding!r}")
     code = parts[_PARTS[encoding][0]]
@@ -213,27 +237,38 @@ def save_packed(
     for key, value in user.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConfigError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
-    stored: dict[str, torch.Tensor] = {}
-    entries: dict[str, dict[str, Any]] = {}
+    chunks: dict[str, list[torch.Tensor]] = {}  # blob name -> parts, in order of first use
+    lengths: dict[str, int] = {}
+    entries: dict[str, list[Any]] = {}
     infos = []
     for name, tensor in state_dict.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"state_dict keys must be str, got {type(name).__name__} {name!r}")
         if not isinstance(tensor, torch.Tensor):
             raise ConfigError(f"state_dict[{name!r}] must be a tensor, got {type(tensor).__name__}")
-        if "::" in name:
-            raise ConfigError(f"tensor name {name!r} must not contain '::' (used for part names)")
         encoding, parts = encode_tensor(tensor, values_dtype=values_dtype)
-        stored.update({f"{name}::{suffix}": part for suffix, part in parts.items()})
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        entries[name] = {"encoding": encoding, "shape": list(tensor.shape), "dtype": dtype}
+        refs = []
+        for suffix in _PARTS[encoding]:
+            part = parts[suffix].reshape(-1)
+            blob = _blob_name(suffix, part.dtype)
+            chunks.setdefault(blob, []).append(part)
+            refs.append([list(chunks).index(blob), lengths.get(blob, 0), part.numel()])
+            lengths[blob] = lengths.get(blob, 0) + part.numel()
+        dtype = _dtype_name(tensor.dtype)
+        entries[name] = [encoding, list(tensor.shape), dtype, refs]
         nonzero = int(torch.count_nonzero(tensor)) if encoding != "raw" else None
         size = sum(p.numel() * p.element_size() for p in parts.values())
         infos.append(PackedTensorInfo(name, encoding, tuple(tensor.shape), dtype, nonzero, size))
+    blobs = {blob: torch.cat(parts) for blob, parts in chunks.items()}
     record = {"format": FORMAT, "version": VERSION, "values_dtype": values_dtype}
-    record |= {"tensors": entries, "metadata": user}
+    record |= {"blobs": list(blobs), "tensors": entries}
+    header = {
+        METADATA_KEY: _encode_record(record),
+        USER_METADATA_KEY: json.dumps(user, ensure_ascii=False, separators=(",", ":")),
+    }
     try:
         with atomic_path(path) as tmp:
-            header = {METADATA_KEY: json.dumps(record)}
-            safetensors.torch.save_file(stored, str(tmp), metadata=header)
+            safetensors.torch.save_file(blobs, str(tmp), metadata=header)
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"could not write packed checkpoint {path}: {_line(exc)}") from exc
     on_disk, dense = file_size(path), dense_checkpoint_bytes(state_dict)
@@ -251,22 +286,43 @@ def load_packed(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {_line(exc)}") from exc
     record = _read_record(header, path)
+    user = _read_user_metadata(header, path)
+    names = record["blobs"]
+    if missing := [blob for blob in names if blob not in stored]:
+        raise CheckpointError(f"{path}: lacks stored blob(s) {_names(missing)}")
+    if extra := [key for key in stored if key not in names]:
+        raise CheckpointError(f"{path}: stored tensors not described by metadata: {_names(extra)}")
+    for blob in names:
+        _check_blob(blob, stored[blob], path)
     state_dict: dict[str, torch.Tensor] = {}
     for name, entry in record["tensors"].items():
         what = f"{path}: tensor {name!r}"
-        entry = entry if isinstance(entry, dict) else {}
-        encoding, shape = entry.get("encoding"), entry.get("shape")
-        dtype = getattr(torch, str(entry.get("dtype")), None)
-        shape_ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-        if encoding not in _PARTS or not isinstance(dtype, torch.dtype) or not shape_ok:
-            raise CheckpointError(f"{what} has a bad metadata entry {entry}")
-        if missing := [sfx for sfx in _PARTS[encoding] if f"{name}::{sfx}" not in stored]:
-            raise CheckpointError(f"{what} lacks stored part(s) {_names(missing)}")
-        parts = {suffix: stored.pop(f"{name}::{suffix}") for suffix in _PARTS[encoding]}
+        encoding, shape, dtype, refs = _parse_entry(entry, len(names), what)
+        numel = math.prod(shape)
+        parts = {}
+        for suffix, (index, offset, length) in zip(_PARTS[encoding], refs, strict=True):
+            blob, data = names[index], stored[names[index]]
+            wanted = {"mask": "bits", "index": "bits", "raw": f"raw.{_dtype_name(dtype)}"}
+            role_ok = blob == wanted[suffix] if suffix in wanted else blob.startswith("values.")
+            if not role_ok:
+                where = wanted.get(suffix, "a values.<dtype> blob")
+                raise CheckpointError(f"{what}: {suffix} part is in blob {blob!r}, not {where}")
+            if offset + length > data.numel():
+                span = f"[{offset}:{offset + length}]"
+                raise CheckpointError(
+                    f"{what}: {suffix} part {span} is out of range of blob {blob!r} "
+                    f"({data.numel()} elements)"
+                )
+            part = data[offset : offset + length]
+            if suffix in ("dense", "raw"):
+                if length != numel:
+                    raise CheckpointError(
+                        f"{what}: {suffix} part has {length} elements, shape {shape} needs {numel}"
+                    )
+                part = part.reshape(shape)
+            parts[suffix] = part
         state_dict[name] = decode_tensor(encoding, parts, shape=shape, dtype=dtype, name=what)
-    if stored:
-        raise CheckpointError(f"{path}: stored tensors not described by metadata: {_names(stored)}")
-    return state_dict, record["metadata"]
+    return state_dict, user
 
 
 def load_packed_into(module: nn.Module, path: PathLike, *, strict: bool = True) -> dict[str, str]:
@@ -298,24 +354,116 @@ def load_packed_into(module: nn.Module, path: PathLike, *, strict: bool = True) 
     return user
 
 
+def _blob_name(suffix: str, dtype: torch.dtype) -> str:
+    if suffix in ("mask", "index"):
+        return "bits"
+    return f"{'raw' if suffix == 'raw' else 'values'}.{_dtype_name(dtype)}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _torch_dtype(name: Any) -> torch.dtype | None:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _encode_record(record: dict[str, Any]) -> str:
+    text = json.dumps(record, separators=(",", ":"))
+    return base64.b64encode(zlib.compress(text.encode("utf-8"), 9)).decode("ascii")
+
+
+def _decode_record(text: str) -> Any:
+    """Invert :func:`_encode_record`; raise ValueError or zlib.error if ``text`` is not one."""
+    inflater = zlib.decompressobj()
+    data = inflater.decompress(
+        base64.b64decode(text.encode("ascii"), validate=True), _MAX_RECORD_BYTES
+    )
+    if inflater.unconsumed_tail:
+        raise ValueError(f"it inflates past {_MAX_RECORD_BYTES:,} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError("the zlib stream is truncated or followed by extra bytes")
+    return json.loads(data.decode("utf-8"))
+
+
 def _read_record(header: dict[str, str], path: PathLike) -> dict[str, Any]:
     if METADATA_KEY not in header:
         raise CheckpointError(f"{path} is not a slimkit packed checkpoint (no {METADATA_KEY!r})")
+    text = header[METADATA_KEY]
+    plain = text.lstrip().startswith("{")  # version 1 stored the record as plain JSON
     try:
-        record = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: {METADATA_KEY!r} metadata is not JSON: {exc}") from exc
+        record = json.loads(text) if plain else _decode_record(text)
+    except (ValueError, zlib.error) as exc:
+        kind = "JSON" if plain else "zlib-compressed base64 JSON"
+        raise CheckpointError(
+            f"{path}: {METADATA_KEY!r} record is not {kind}: {_line(exc)}"
+        ) from exc
     if not isinstance(record, dict):
-        raise CheckpointError(f"{path}: {METADATA_KEY!r} metadata must be a JSON object")
+        raise CheckpointError(f"{path}: {METADATA_KEY!r} record must be a JSON object")
     found = (record.get("format"), record.get("version"))
     if found != (FORMAT, VERSION):
         raise CheckpointError(
             f"{path}: format {found[0]!r} version {found[1]!r} is not supported "
             f"(expected {FORMAT!r} version {VERSION})"
         )
-    if not isinstance(record.get("tensors"), dict) or not isinstance(record.get("metadata"), dict):
-        raise CheckpointError(f"{path}: metadata record lacks 'tensors' or 'metadata' objects")
+    if plain:
+        raise CheckpointError(f"{path}: {METADATA_KEY!r} record must be zlib-compressed base64")
+    blobs, tensors = record.get("blobs"), record.get("tensors")
+    blobs_ok = isinstance(blobs, list) and all(isinstance(b, str) for b in blobs)
+    if not blobs_ok or len(set(blobs)) != len(blobs) or not isinstance(tensors, dict):
+        raise CheckpointError(f"{path}: metadata record lacks a 'blobs' list or 'tensors' object")
     return record
+
+
+def _read_user_metadata(header: dict[str, str], path: PathLike) -> dict[str, str]:
+    if USER_METADATA_KEY not in header:
+        raise CheckpointError(f"{path}: no {USER_METADATA_KEY!r} in the safetensors metadata")
+    try:
+        user = json.loads(header[USER_METADATA_KEY])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {USER_METADATA_KEY!r} is not JSON: {_line(exc)}") from exc
+    if not isinstance(user, dict) or not all(isinstance(v, str) for v in user.values()):
+        raise CheckpointError(f"{path}: {USER_METADATA_KEY!r} must be a JSON object of strings")
+    return user
+
+
+def _check_blob(name: str, blob: torch.Tensor, path: PathLike) -> None:
+    role, _, dtype_name = name.partition(".")
+    dtype = torch.uint8 if name == "bits" else _torch_dtype(dtype_name)
+    if role == "values" and dtype not in _PACKABLE or role not in ("bits", "values", "raw"):
+        dtype = None
+    if dtype is None:
+        raise CheckpointError(f"{path}: unknown blob name {name!r}")
+    if blob.dtype != dtype or blob.dim() != 1:
+        found = f"a {tuple(blob.shape)} {_dtype_name(blob.dtype)} tensor"
+        raise CheckpointError(
+            f"{path}: blob {name!r} is {found}, expected 1-D {_dtype_name(dtype)}"
+        )
+
+
+def _parse_entry(
+    entry: Any, blob_count: int, what: str
+) -> tuple[str, tuple[int, ...], torch.dtype, list[tuple[int, int, int]]]:
+    """Validate one tensor's ``[encoding, shape, dtype, refs]`` record entry."""
+
+    def count(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    ok = isinstance(entry, list) and len(entry) == 4
+    encoding, shape, dtype_name, refs = entry if ok else (None, None, None, None)
+    dtype = _torch_dtype(dtype_name)
+    ok = ok and encoding in _PARTS and dtype is not None
+    ok = ok and (encoding == "raw" or dtype in _PACKABLE)
+    ok = ok and isinstance(shape, list) and all(map(count, shape))
+    ok = ok and isinstance(refs, list) and len(refs) == len(_PARTS[encoding])
+    ok = ok and all(
+        isinstance(ref, list) and len(ref) == 3 and all(map(count, ref)) and ref[0] < blob_count
+        for ref in refs
+    )
+    if not ok:
+        raise CheckpointError(f"{what} has a bad metadata entry {json.dumps(entry)}")
+    return encoding, tuple(shape), dtype, [tuple(ref) for ref in refs]
 
 
 def _values_dtype(values_dtype: str) -> torch.dtype:
@@ -325,7 +473,7 @@ def _values_dtype(values_dtype: str) -> torch.dtype:
 
 
 def _cost(parts: Mapping[str, torch.Tensor]) -> int:
-    return sum(p.numel() * p.element_size() + _PART_OVERHEAD for p in parts.values())
+    return sum(p.numel() * p.element_size() for p in parts.values())
 
 
 def _names(keys: Any, limit: int = 5) -> str:

@@ -22,7 +22,13 @@ from slimkit.core.scope import Scope, Selection, module_type_name
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
 from slimkit.errors import ConfigError, StateError
 from slimkit.prune import masks as M
-from slimkit.prune.importance import ImportanceName, ema_update, magnitude_score, taylor_score
+from slimkit.prune.importance import (
+    ImportanceName,
+    ema_update,
+    lamp_score,
+    magnitude_score,
+    taylor_score,
+)
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED_DESCRIPTION = "Linear, Conv1d, Conv2d, Conv3d"
@@ -180,7 +186,7 @@ class MagnitudePruning(Technique):
         for name, module in selection.selected:
             if weight_mask_of(module) is not None:
                 raise StateError(f"{self.kind}: module {name!r} already has a pruning mask")
-            tracked = self.config.importance != "magnitude"
+            tracked = self.config.importance in ("ema", "taylor")
             parametrize.register_parametrization(
                 module, "weight", WeightMask(module.weight, track_importance=tracked)
             )
@@ -197,7 +203,7 @@ class MagnitudePruning(Technique):
 
     def _update_statistics(self) -> None:
         importance = self.config.importance
-        if importance == "magnitude":
+        if importance not in ("ema", "taylor"):
             return
         for _, module, state in self._states():
             weight = module.weight
@@ -215,6 +221,8 @@ class MagnitudePruning(Technique):
     def _scores(self, module: nn.Module, state: WeightMask, name: str) -> torch.Tensor:
         if self.config.importance == "magnitude":
             return magnitude_score(module.weight)
+        if self.config.importance == "lamp":
+            return lamp_score(module.weight)
         if self.config.importance == "taylor":
             if int(state.importance_count) == 0:
                 raise StateError(
