@@ -79,6 +79,34 @@ def inspect(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")]) ->
 
 
 @app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="ONNX model file")],
+    batch: Annotated[
+        list[int] | None, typer.Option("--batch", help="batch sizes (repeatable)")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads")] = 1,
+    repeats: Annotated[int, typer.Option(help="timed runs per batch size")] = 50,
+    warmup: Annotated[int, typer.Option(help="untimed runs first")] = 10,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write JSON here")] = None,
+) -> None:
+    """ONNX Runtime latency (median of repeated runs after warm-up) and size of a model."""
+    from slimkit.measure.bench import bench_onnx
+
+    report = bench_onnx(
+        model,
+        batch_sizes=tuple(batch or (1, 32)),
+        threads=threads,
+        repeats=repeats,
+        warmup=warmup,
+    )
+    Console().print(report.table())
+    if json_out is not None:
+        from slimkit.io import atomic_write_json
+
+        atomic_write_json(json_out, report.to_dict())
+
+
+@app.command()
 def schema() -> None:
     """Print the recipe JSON Schema."""
     from slimkit.recipe.schema import recipe_json_schema
