@@ -237,7 +237,7 @@ def save_packed(
     for key, value in user.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConfigError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
-    chunks: dict[str, list[torch.Tensor]] = {}  # blob name -> parts, in order of first use
+    chunks: dict[str, list[torch.Tensor]] = {}  # blob name -> its parts, blobs in order of use
     lengths: dict[str, int] = {}
     entries: dict[str, list[Any]] = {}
     infos = []
@@ -251,9 +251,11 @@ def save_packed(
         for suffix in _PARTS[encoding]:
             part = parts[suffix].reshape(-1)
             blob = _blob_name(suffix, part.dtype)
-            chunks.setdefault(blob, []).append(part)
-            refs.append([list(chunks).index(blob), lengths.get(blob, 0), part.numel()])
-            lengths[blob] = lengths.get(blob, 0) + part.numel()
+            if blob not in chunks:
+                chunks[blob], lengths[blob] = [], 0
+            refs.append([list(chunks).index(blob), lengths[blob], part.numel()])
+            chunks[blob].append(part)
+            lengths[blob] += part.numel()
         dtype = _dtype_name(tensor.dtype)
         entries[name] = [encoding, list(tensor.shape), dtype, refs]
         nonzero = int(torch.count_nonzero(tensor)) if encoding != "raw" else None
@@ -298,29 +300,10 @@ def load_packed(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]
     for name, entry in record["tensors"].items():
         what = f"{path}: tensor {name!r}"
         encoding, shape, dtype, refs = _parse_entry(entry, len(names), what)
-        numel = math.prod(shape)
-        parts = {}
-        for suffix, (index, offset, length) in zip(_PARTS[encoding], refs, strict=True):
-            blob, data = names[index], stored[names[index]]
-            wanted = {"mask": "bits", "index": "bits", "raw": f"raw.{_dtype_name(dtype)}"}
-            role_ok = blob == wanted[suffix] if suffix in wanted else blob.startswith("values.")
-            if not role_ok:
-                where = wanted.get(suffix, "a values.<dtype> blob")
-                raise CheckpointError(f"{what}: {suffix} part is in blob {blob!r}, not {where}")
-            if offset + length > data.numel():
-                span = f"[{offset}:{offset + length}]"
-                raise CheckpointError(
-                    f"{what}: {suffix} part {span} is out of range of blob {blob!r} "
-                    f"({data.numel()} elements)"
-                )
-            part = data[offset : offset + length]
-            if suffix in ("dense", "raw"):
-                if length != numel:
-                    raise CheckpointError(
-                        f"{what}: {suffix} part has {length} elements, shape {shape} needs {numel}"
-                    )
-                part = part.reshape(shape)
-            parts[suffix] = part
+        parts = {
+            suffix: _part(suffix, names[ref[0]], stored[names[ref[0]]], ref, shape, dtype, what)
+            for suffix, ref in zip(_PARTS[encoding], refs, strict=True)
+        }
         state_dict[name] = decode_tensor(encoding, parts, shape=shape, dtype=dtype, name=what)
     return state_dict, user
 
@@ -394,7 +377,7 @@ def _read_record(header: dict[str, str], path: PathLike) -> dict[str, Any]:
     plain = text.lstrip().startswith("{")  # version 1 stored the record as plain JSON
     try:
         record = json.loads(text) if plain else _decode_record(text)
-    except (ValueError, zlib.error) as exc:
+    except (ValueError, RecursionError, zlib.error) as exc:  # RecursionError: deep nesting
         kind = "JSON" if plain else "zlib-compressed base64 JSON"
         raise CheckpointError(
             f"{path}: {METADATA_KEY!r} record is not {kind}: {_line(exc)}"
@@ -412,7 +395,9 @@ def _read_record(header: dict[str, str], path: PathLike) -> dict[str, Any]:
     blobs, tensors = record.get("blobs"), record.get("tensors")
     blobs_ok = isinstance(blobs, list) and all(isinstance(b, str) for b in blobs)
     if not blobs_ok or len(set(blobs)) != len(blobs) or not isinstance(tensors, dict):
-        raise CheckpointError(f"{path}: metadata record lacks a 'blobs' list or 'tensors' object")
+        raise CheckpointError(
+            f"{path}: metadata record needs a 'blobs' list of distinct names and a 'tensors' object"
+        )
     return record
 
 
@@ -421,7 +406,7 @@ def _read_user_metadata(header: dict[str, str], path: PathLike) -> dict[str, str
         raise CheckpointError(f"{path}: no {USER_METADATA_KEY!r} in the safetensors metadata")
     try:
         user = json.loads(header[USER_METADATA_KEY])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: {USER_METADATA_KEY!r} is not JSON: {_line(exc)}") from exc
     if not isinstance(user, dict) or not all(isinstance(v, str) for v in user.values()):
         raise CheckpointError(f"{path}: {USER_METADATA_KEY!r} must be a JSON object of strings")
@@ -430,8 +415,10 @@ def _read_user_metadata(header: dict[str, str], path: PathLike) -> dict[str, str
 
 def _check_blob(name: str, blob: torch.Tensor, path: PathLike) -> None:
     role, _, dtype_name = name.partition(".")
-    dtype = torch.uint8 if name == "bits" else _torch_dtype(dtype_name)
-    if role == "values" and dtype not in _PACKABLE or role not in ("bits", "values", "raw"):
+    dtype = _torch_dtype(dtype_name)
+    if name == "bits":
+        dtype = torch.uint8
+    elif not (role == "raw" or (role == "values" and dtype in _PACKABLE)):
         dtype = None
     if dtype is None:
         raise CheckpointError(f"{path}: unknown blob name {name!r}")
@@ -464,6 +451,38 @@ def _parse_entry(
     if not ok:
         raise CheckpointError(f"{what} has a bad metadata entry {json.dumps(entry)}")
     return encoding, tuple(shape), dtype, [tuple(ref) for ref in refs]
+
+
+def _part(
+    suffix: str,
+    blob: str,
+    data: torch.Tensor,
+    ref: tuple[int, int, int],
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    what: str,
+) -> torch.Tensor:
+    """The ``suffix`` part of one tensor: ``ref = (blob index, offset, length)`` into ``data``."""
+    _, offset, length = ref
+    if suffix in ("dense", "values"):
+        wanted, ok = "a values.<dtype> blob", blob.startswith("values.")
+    else:
+        wanted = _blob_name(suffix, dtype)  # bits, or raw.<the tensor's dtype>
+        ok = blob == wanted
+    if not ok:
+        raise CheckpointError(f"{what}: {suffix} part is in blob {blob!r}, not {wanted}")
+    if offset + length > data.numel():
+        raise CheckpointError(
+            f"{what}: {suffix} part [{offset}:{offset + length}] is out of range of blob {blob!r} "
+            f"({data.numel()} elements)"
+        )
+    part = data[offset : offset + length]
+    if suffix not in ("dense", "raw"):
+        return part
+    if length != math.prod(shape):
+        needs = f"shape {shape} needs {math.prod(shape)}"
+        raise CheckpointError(f"{what}: {suffix} part has {length} elements, {needs}")
+    return part.reshape(shape)
 
 
 def _values_dtype(values_dtype: str) -> torch.dtype:
