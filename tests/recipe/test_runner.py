@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,3 +210,22 @@ def test_a_good_checkpoint_is_loaded_instead_of_training(task: Task, tmp_path: P
     loaded, steps = baseline_from(path, task, tmp_path)
     assert steps == 0
     assert bool((loaded.fc.weight == 0.25).all())
+
+
+def test_cosine_lr_schedule_decays_to_zero_over_the_stage():
+    from slimkit.recipe.runner import make_lr_schedule, make_optimizer
+    from slimkit.recipe.schema import TrainBudget
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    budget = TrainBudget(epochs=2, lr=0.1, lr_schedule="cosine")
+    optimizer = make_optimizer([param], budget)
+    decay = make_lr_schedule(optimizer, budget, steps_per_epoch=5)
+    rates = []
+    for _ in range(10):
+        optimizer.step()
+        decay.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in itertools.pairwise(rates))
+    constant = TrainBudget(epochs=2, lr=0.1)
+    assert make_lr_schedule(make_optimizer([param], constant), constant, 5) is None

@@ -172,6 +172,16 @@ def make_optimizer(params: Iterable[nn.Parameter], budget: TrainBudget) -> torch
     return cls(params, lr=budget.lr, weight_decay=budget.weight_decay)
 
 
+def make_lr_schedule(
+    optimizer: torch.optim.Optimizer, budget: TrainBudget, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-step learning-rate decay for a stage (``None`` for a constant rate)."""
+    if budget.lr_schedule == "constant":
+        return None
+    total = max(1, budget.epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+
+
 class Runner:
     """Executes a :class:`Recipe`; the CLI and the Python API both use it."""
 
@@ -203,6 +213,7 @@ class Runner:
         """Train ``budget.epochs`` epochs; step the compressor after every optimizer step."""
         task = self.task
         optimizer = make_optimizer(model.parameters(), budget)
+        decay = make_lr_schedule(optimizer, budget, len(task.train_loader(0)))
         steps = 0
         progress = Progress(
             TextColumn(f"[bold]{label}[/]"),
@@ -228,6 +239,8 @@ class Runner:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    if decay is not None:
+                        decay.step()
                     steps += 1
                     total, count = total + loss.item(), count + 1
                     if compressor is not None:

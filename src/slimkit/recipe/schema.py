@@ -33,6 +33,9 @@ class TrainBudget(Config):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: decay the learning rate to 0 over the stage's steps"
+    )
 
 
 class BaselineConfig(TrainBudget):
