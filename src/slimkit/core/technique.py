@@ -55,6 +55,7 @@ class Technique(abc.ABC):
         self.config = config
         self.selection: Selection | None = None
         self.current_step = 0
+        self._model: nn.Module | None = None
 
     # --- life cycle -----------------------------------------------------------------------
     @abc.abstractmethod
@@ -95,6 +96,14 @@ class Technique(abc.ABC):
                 f"state for technique {state.get('kind')!r} cannot be loaded into {self.kind!r}"
             )
         self.current_step = int(state["current_step"])
+
+    def _already_applied(self, model: nn.Module) -> bool:
+        """Idempotence guard for ``apply``: True for the same model, StateError for another."""
+        if self._model is model:
+            return True
+        if self._model is not None:
+            raise StateError(f"{self.kind} is already applied to another model")
+        return False
 
     def _require_applied(self) -> Selection:
         if self.selection is None:

@@ -151,7 +151,6 @@ class MagnitudePruning(Technique):
         self.schedule = config.effective_schedule
         self.thresholds: dict[str, float] = {}
         self.target = 0.0
-        self._model: nn.Module | None = None
         self._final_rows: list[list[Any]] | None = None
 
     # --- planning ---------------------------------------------------------------------------
@@ -178,10 +177,8 @@ class MagnitudePruning(Technique):
         return selection
 
     def apply(self, model: nn.Module) -> None:
-        if self._model is model:
+        if self._already_applied(model):
             return
-        if self._model is not None:
-            raise StateError(f"{self.kind} is already applied to another model")
         selection = self.plan(model)
         for name, module in selection.selected:
             if weight_mask_of(module) is not None:

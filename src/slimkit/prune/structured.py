@@ -274,7 +274,6 @@ class StructuredPruning(Technique):
         self.example_inputs = example_inputs
         self.manifest: PruningManifest | None = None
         self.last_plan: StructuredPlan | None = None
-        self._model: nn.Module | None = None
         self._totals: dict[str, Any] = {}
 
     def _inputs(self, example_inputs: Any) -> tuple[tuple, dict]:
@@ -382,10 +381,8 @@ class StructuredPruning(Technique):
     # --- apply ------------------------------------------------------------------------------------
     def apply(self, model: nn.Module, example_inputs: Any = None) -> None:
         """Physically remove the planned channels and heads of ``model`` (in place, one shot)."""
-        if self._model is model:
+        if self._already_applied(model):
             return
-        if self._model is not None:
-            raise StateError(f"{self.kind} is already applied to another model")
         args, kwargs = self._inputs(example_inputs)
         before, _ = _run(model, args, kwargs)
         plan, graph, extra = self._analyse(model, args, kwargs)

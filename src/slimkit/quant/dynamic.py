@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from slimkit.core.config import Config
 from slimkit.core.scope import Scope, Selection
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
-from slimkit.errors import ConfigError, SlimkitError, StateError, UnsupportedModuleError
+from slimkit.errors import ConfigError, SlimkitError, UnsupportedModuleError
 from slimkit.io import atomic_path
 from slimkit.quant.affine import QuantSpec, qparams_from_range, quantize, tensor_range
 
@@ -185,7 +185,6 @@ class DynamicQuantization(Technique):
 
     def __init__(self, config: DynamicQuantConfig) -> None:
         super().__init__(config)
-        self._model: nn.Module | None = None
 
     def plan(self, model: nn.Module) -> Selection:
         selection = self.config.scope.select(
@@ -199,10 +198,8 @@ class DynamicQuantization(Technique):
         return selection
 
     def apply(self, model: nn.Module) -> None:
-        if self._model is model:
+        if self._already_applied(model):
             return
-        if self._model is not None:
-            raise StateError(f"{self.kind} is already applied to another model")
         selection = self.plan(model)
         for _, module in selection.selected:
             DynamicQuantLinear.convert(

@@ -250,7 +250,6 @@ class StaticQuantization(Technique):
 
     def __init__(self, config: StaticQuantizationConfig | None = None) -> None:
         super().__init__(StaticQuantizationConfig() if config is None else config)
-        self._model: nn.Module | None = None
         self._inputs_of: dict[str, str] = {}
         self.calibrated = False
 
@@ -285,10 +284,8 @@ class StaticQuantization(Technique):
         return None
 
     def apply(self, model: nn.Module) -> None:
-        if self._model is model:
+        if self._already_applied(model):
             return
-        if self._model is not None:
-            raise StateError(f"{self.kind} is already applied to another model")
         if hasattr(model, QUANTIZER_DICT):
             raise StateError(f"{self.kind}: the model already has {QUANTIZER_DICT}")
         selection = self.plan(model)

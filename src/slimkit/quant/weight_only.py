@@ -228,7 +228,6 @@ class WeightOnlyQuantization(Technique):
 
     def __init__(self, config: WeightOnlyConfig) -> None:
         super().__init__(config)
-        self._model: nn.Module | None = None
         self._rows: list[list[Any]] = []
 
     def plan(self, model: nn.Module) -> Selection:
@@ -245,10 +244,8 @@ class WeightOnlyQuantization(Technique):
         return selection
 
     def apply(self, model: nn.Module) -> None:
-        if self._model is model:
+        if self._already_applied(model):
             return
-        if self._model is not None:
-            raise StateError(f"{self.kind} is already applied to another model")
         selection = self.plan(model)
         cfg = self.config
         for name, module in selection.selected:
