@@ -6,7 +6,8 @@ calibration range estimators (``minmax``, ``moving_average``, ``percentile``, ``
 ``entropy``) behind one ``Observer`` interface and the ``OBSERVERS`` registry.
 :mod:`slimkit.quant.fold` folds BatchNorm into convs; :mod:`slimkit.quant.fake` holds the
 fake-quant modules and :mod:`slimkit.quant.ptq` static post-training quantization;
-:mod:`slimkit.quant.weight_only` weight-only int8/int4, :mod:`slimkit.quant.dynamic` dynamic int8.
+:mod:`slimkit.quant.weight_only` weight-only int8/int4, :mod:`slimkit.quant.dynamic` dynamic int8;
+:mod:`slimkit.quant.lsq` learned step sizes, :mod:`slimkit.quant.qat` quantization-aware training.
 """
 
 from slimkit.quant.affine import (
@@ -29,6 +30,7 @@ from slimkit.quant.dynamic import (
 )
 from slimkit.quant.fake import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 from slimkit.quant.fold import find_conv_bn_pairs, fold_batchnorm, fold_bn_into_conv
+from slimkit.quant.lsq import LSQQuantizer, lsq_fake_quantize
 from slimkit.quant.observers import (
     OBSERVERS,
     EntropyObserver,
@@ -45,6 +47,7 @@ from slimkit.quant.ptq import (
     quantize_static,
     strip_quantization,
 )
+from slimkit.quant.qat import QATConfig, QuantizationAwareTraining
 from slimkit.quant.weight_only import (
     WeightOnlyConfig,
     WeightOnlyLinear,
@@ -62,12 +65,15 @@ __all__ = [
     "DynamicQuantLinear",
     "DynamicQuantization",
     "EntropyObserver",
+    "LSQQuantizer",
     "MSEObserver",
     "MinMaxObserver",
     "MovingAverageObserver",
     "Observer",
     "PercentileObserver",
+    "QATConfig",
     "QuantSpec",
+    "QuantizationAwareTraining",
     "StaticQuantization",
     "StaticQuantizationConfig",
     "WeightOnlyConfig",
@@ -82,6 +88,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_bn_into_conv",
     "load_weight_only",
+    "lsq_fake_quantize",
     "make_observer",
     "pack_int4",
     "qparams_from_range",
