@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (stated in JSON)")
     parser.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
+    parser.add_argument("--width", type=int, default=16, help="DigitsResNet base width")
     parser.add_argument(
         "--name",
         default="prune_digits",
@@ -210,7 +211,7 @@ def main() -> None:
     per_seed: dict[str, list[dict[str, float]]] = {}
     dense_acc = []
     for seed in args.seeds:
-        task = make_digits_task(seed=seed)
+        task = make_digits_task(seed=seed, width=args.width)
         torch.manual_seed(seed)
         baseline = task.make_model()
         train(baseline, task, args.baseline_epochs, 3e-3, seed + 10_000)
@@ -231,6 +232,7 @@ def main() -> None:
         summary[name] = {k: mean([r[k] for r in runs]) for k in runs[0]}
         summary[name]["full_spread"] = max(r["full"] for r in runs) - min(r["full"] for r in runs)
     dense = mean(dense_acc)
+    params = sum(p.numel() for p in baseline.parameters())
     checks = {
         "step_time_ratio_le_1.10": timing["ratio"] <= 1.10,
         "packed_fp16_ratio_le_0.15": packed["ratio_fp16"] <= 0.15,
@@ -273,7 +275,8 @@ def main() -> None:
         for name, v in summary.items()
     ]
     text = (
-        f"Digits ResNet (test set, mean of seeds {args.seeds}); dense baseline **{dense:.4f}**. "
+        f"Digits ResNet width {args.width} ({params} params; test set, mean of seeds "
+        f"{args.seeds}); dense baseline **{dense:.4f}**. "
         f"Fine-tune budget {args.epochs} epochs (Adam lr {args.lr}, cosine decay), torch threads "
         f"{args.threads}; peer = "
         "`torch.nn.utils.prune.global_unstructured` (L1, one-shot) with the same budget.\n\n"
