@@ -43,3 +43,37 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def trained_digits_model(tmp_path_factory):
+    """Factory: a reference model (``"resnet"`` or ``"mobilenet"``) trained 3 epochs on digits
+    (seed 0, 1 thread), trained once per session and cached in the session's temp folder."""
+    import torch
+
+    from slimkit.models.cnn import DigitsResNet, mobilenetv2_tiny
+    from slimkit.tasks.data import load_digits_split, train_epoch
+
+    models = {"resnet": DigitsResNet, "mobilenet": mobilenetv2_tiny}
+    folder = tmp_path_factory.getbasetemp()
+
+    def make(name: str):
+        path = folder / f"slimkit-{name}-digits-3ep.pt"
+        torch.manual_seed(0)
+        model = models[name]()
+        if path.exists():
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval()
+        loaders = load_digits_split(seed=0).loaders(batch_size=64, seed=0)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same weights whichever test trains first
+        try:
+            for _ in range(3):
+                train_epoch(model, loaders.train, optimizer)
+        finally:
+            torch.set_num_threads(threads)
+        torch.save(model.state_dict(), path)
+        return model.eval()
+
+    return make

@@ -16,34 +16,11 @@ from torch import nn
 from slimkit.errors import ConfigError, StateError
 from slimkit.export.onnx import onnx_op_counts, optimized_op_counts
 from slimkit.export.qdq import export_qdq
-from slimkit.models.cnn import DigitsResNet, mobilenetv2_tiny
+from slimkit.models.cnn import DigitsResNet
 from slimkit.quant.ptq import StaticQuantization, StaticQuantizationConfig, quantize_static
-from slimkit.tasks.data import load_digits_split, train_epoch
+from slimkit.tasks.data import load_digits_split
 
-MODELS = {"resnet": DigitsResNet, "mobilenet": mobilenetv2_tiny}
 FLOAT_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "MatMul", "FusedMatMul"}
-
-
-def trained(name: str, folder: Path) -> nn.Module:
-    """``name`` trained 3 epochs on digits (seed 0), cached in the session's temp folder (the
-    same helper as in tests/quant/test_ptq.py, so a session trains each model once)."""
-    path = folder / f"slimkit-{name}-digits-3ep.pt"
-    torch.manual_seed(0)
-    model = MODELS[name]()
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    loaders = load_digits_split(seed=0).loaders(batch_size=64, seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same weights whichever fixture scope trains first
-    try:
-        for _ in range(3):
-            train_epoch(model, loaders.train, optimizer)
-    finally:
-        torch.set_num_threads(threads)
-    torch.save(model.state_dict(), path)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +40,8 @@ def test_images(split) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory) -> nn.Module:
-    return trained("resnet", tmp_path_factory.getbasetemp())
+def resnet(trained_digits_model) -> nn.Module:
+    return trained_digits_model("resnet")
 
 
 def _run_ort(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -176,8 +153,8 @@ def test_fp32_layers_stay_float_in_ort(tmp_path, resnet, calibration, test_image
     assert counts.get("Conv", 0) + counts.get("FusedConv", 0) == 2
 
 
-def test_mobilenet_end_to_end(tmp_path_factory, tmp_path, split, calibration, test_images):
-    model = trained("mobilenet", tmp_path_factory.getbasetemp())
+def test_mobilenet_end_to_end(trained_digits_model, tmp_path, split, calibration, test_images):
+    model = trained_digits_model("mobilenet")
     quantized = quantize_static(model, calibration)
     path = export_qdq(quantized, test_images[:1], tmp_path / "mobilenet.onnx")
     counts = optimized_op_counts(path)

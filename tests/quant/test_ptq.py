@@ -6,7 +6,6 @@ import copy
 import doctest
 import itertools
 import typing
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,30 +26,7 @@ from slimkit.quant.ptq import (
     quantize_static,
     strip_quantization,
 )
-from slimkit.tasks.data import evaluate_accuracy, load_digits_split, train_epoch
-
-MODELS = {"resnet": DigitsResNet, "mobilenet": mobilenetv2_tiny}
-
-
-def trained(name: str, folder: Path) -> nn.Module:
-    """``name`` trained 3 epochs on digits (seed 0), cached in the session's temp folder."""
-    path = folder / f"slimkit-{name}-digits-3ep.pt"
-    torch.manual_seed(0)
-    model = MODELS[name]()
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    loaders = load_digits_split(seed=0).loaders(batch_size=64, seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same weights whichever fixture scope trains first
-    try:
-        for _ in range(3):
-            train_epoch(model, loaders.train, optimizer)
-    finally:
-        torch.set_num_threads(threads)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+from slimkit.tasks.data import evaluate_accuracy, load_digits_split
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +157,8 @@ def test_activation_quantizer_modes_and_straight_through_gradient():
 
 
 # --- calibration and accuracy -------------------------------------------------------------------
-def test_resnet_int8_accuracy_within_one_point(tmp_path_factory, digits, calibration):
-    model = trained("resnet", tmp_path_factory.getbasetemp())
+def test_resnet_int8_accuracy_within_one_point(trained_digits_model, digits, calibration):
+    model = trained_digits_model("resnet")
     fp32 = evaluate_accuracy(model, digits.test)
     quantized = quantize_static(model, calibration)
     int8 = evaluate_accuracy(quantized, digits.test)
