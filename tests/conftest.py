@@ -33,10 +33,11 @@ def tiny_recipe(tmp_path: Path, tiny_recipe_text: str) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
-    """One intra-op thread per test: the suite runs on 2 shared cores, where torch's default
-    thread pool oversubscribes badly (10-100x slower steps under load)."""
+    """One intra-op thread for the whole session (module/session fixtures included): the suite
+    runs on 2 shared cores, where torch's default pool oversubscribes badly (10-100x slower
+    steps under load), and trained fixtures get the same weights whichever test builds them."""
     import torch
 
     previous = torch.get_num_threads()
@@ -48,7 +49,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def trained_digits_model(tmp_path_factory):
     """Factory: a reference model (``"resnet"`` or ``"mobilenet"``) trained 3 epochs on digits
-    (seed 0, 1 thread), trained once per session and cached in the session's temp folder."""
+    (seed 0), trained once per session and cached in the session's temp folder."""
     import torch
 
     from slimkit.models.cnn import DigitsResNet, mobilenetv2_tiny
@@ -66,13 +67,8 @@ def trained_digits_model(tmp_path_factory):
             return model.eval()
         loaders = load_digits_split(seed=0).loaders(batch_size=64, seed=0)
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the same weights whichever test trains first
-        try:
-            for _ in range(3):
-                train_epoch(model, loaders.train, optimizer)
-        finally:
-            torch.set_num_threads(threads)
+        for _ in range(3):
+            train_epoch(model, loaders.train, optimizer)
         torch.save(model.state_dict(), path)
         return model.eval()
 

@@ -6,7 +6,7 @@ import doctest
 import io
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,16 +32,6 @@ from slimkit.models import (
     resnet_tiny,
     vit_tiny,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Small models run fastest on one thread, and do not collapse when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 IMAGE_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "digits_resnet": ("digits_resnet", {"width": 4}),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,6 @@ from slimkit.recipe.runner import Runner, RunResult, resolve_run_dir, run_recipe
 from slimkit.recipe.schema import Recipe, load_recipe
 from slimkit.report.tensorboard import read_scalars
 from slimkit.tasks.base import Task, load_task
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train much faster on one thread, especially on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,15 +20,6 @@ from slimkit.tasks.data import (
     predict_logits,
     train_epoch,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Small models run fastest on one thread, and do not collapse when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
