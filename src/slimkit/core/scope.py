@@ -28,6 +28,15 @@ from slimkit.core.config import Config
 from slimkit.core.policy import Policy, make_policy
 from slimkit.errors import ScopeError, UnsupportedModuleError
 
+# Modules whose ``weight`` is a Linear/Conv kernel: what weight-level techniques handle.
+WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHT_LAYER_NAMES = "Linear, Conv1d, Conv2d, Conv3d"
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Linear or Conv1d/2d/3d (the ``supports`` test of weight-level techniques)."""
+    return isinstance(module, WEIGHT_LAYER_TYPES)
+
 
 def _rule_kind(rule: str) -> str:
     if rule.startswith("re:"):

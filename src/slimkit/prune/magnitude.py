@@ -18,7 +18,13 @@ from torch.nn.utils import parametrize
 
 from slimkit.core.config import Config
 from slimkit.core.schedules import AnySchedule, ConstantSchedule, Schedule
-from slimkit.core.scope import Scope, Selection, module_type_name
+from slimkit.core.scope import (
+    WEIGHT_LAYER_NAMES,
+    Scope,
+    Selection,
+    is_weight_layer,
+    module_type_name,
+)
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
 from slimkit.errors import ConfigError, StateError
 from slimkit.prune import masks as M
@@ -29,9 +35,6 @@ from slimkit.prune.importance import (
     magnitude_score,
     taylor_score,
 )
-
-PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SUPPORTED_DESCRIPTION = "Linear, Conv1d, Conv2d, Conv3d"
 
 
 class Unstructured(Config):
@@ -157,9 +160,9 @@ class MagnitudePruning(Technique):
     def plan(self, model: nn.Module) -> Selection:
         selection = self.config.scope.select(
             model,
-            lambda m: isinstance(m, PRUNABLE_TYPES),
+            is_weight_layer,
             technique=self.kind,
-            describe_supported=SUPPORTED_DESCRIPTION,
+            describe_supported=WEIGHT_LAYER_NAMES,
         )
         pattern = self.config.pattern
         if isinstance(pattern, NM):

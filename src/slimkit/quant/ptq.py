@@ -39,9 +39,11 @@ from torch import fx, nn
 
 from slimkit.core.config import Config
 from slimkit.core.scope import (
+    WEIGHT_LAYER_NAMES,
     Scope,
     Selection,
     closest_names,
+    is_weight_layer,
     module_type_name,
     rule_matches,
     validate_rule,
@@ -68,8 +70,6 @@ __all__ = [
 ]
 
 QUANTIZER_DICT = "activation_quantizers"
-WEIGHTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-SUPPORTED_DESCRIPTION = "Conv1d, Conv2d, Conv3d, Linear"
 ObserverName = Literal["minmax", "moving_average", "percentile", "mse", "entropy"]
 
 # Roles of graph nodes. pool/add/weighted ops get quantized inputs and outputs; an "act" right
@@ -256,9 +256,9 @@ class StaticQuantization(Technique):
     def plan(self, model: nn.Module) -> Selection:
         selection = self.config.scope.select(
             model,
-            lambda m: isinstance(m, WEIGHTED_TYPES),
+            is_weight_layer,
             technique=self.kind,
-            describe_supported=SUPPORTED_DESCRIPTION,
+            describe_supported=WEIGHT_LAYER_NAMES,
         )
         named = list(model.named_modules())
         for rule in self.config.fp32_layers:

@@ -34,7 +34,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimkit.core.config import Config
-from slimkit.core.scope import Scope, Selection, module_type_name
+from slimkit.core.scope import (
+    WEIGHT_LAYER_NAMES,
+    Scope,
+    Selection,
+    is_weight_layer,
+    module_type_name,
+)
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
 from slimkit.errors import ConfigError, StateError
 from slimkit.quant.fake import activation_spec, weight_spec
@@ -49,8 +55,6 @@ __all__ = [
 ]
 
 INPUT_QUANTIZER = "input_quantizer"
-WEIGHTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-SUPPORTED_DESCRIPTION = "Conv1d, Conv2d, Conv3d, Linear"
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 Bits = Annotated[int, Field(ge=2, le=8)]
 
@@ -131,9 +135,9 @@ class QuantizationAwareTraining(Technique):
     def plan(self, model: nn.Module) -> Selection:
         return self.config.scope.select(
             model,
-            lambda m: isinstance(m, WEIGHTED_TYPES),
+            is_weight_layer,
             technique=self.kind,
-            describe_supported=SUPPORTED_DESCRIPTION,
+            describe_supported=WEIGHT_LAYER_NAMES,
         )
 
     def apply(self, model: nn.Module) -> None:
