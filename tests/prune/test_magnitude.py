@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -703,11 +702,16 @@ def test_torch_compile_matches_eager_and_keeps_pruned_weights_zero():
 # --- DistributedDataParallel (gloo, 2 processes) ------------------------------------------------
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _ddp_worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    # a file rendezvous: no TCP port to pick, so no race with other processes for one
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
     try:
         model = small_cnn(seed=0)
         schedule = PolynomialSchedule(final=0.75, begin=1, end=6, frequency=1)
@@ -740,12 +744,15 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 },
                 Path(out_dir) / "ddp.pt",
             )
+        del ddp  # release DDP's hold on the process group before teardown
+        dist.barrier()  # tearing gloo down while the other rank still uses it aborts a process
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_two_processes_keep_masks_and_weights_identical(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    rendezvous = str(tmp_path / "rendezvous")
+    mp.spawn(_ddp_worker, args=(2, rendezvous, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert result["steps"] == 8
     tensors = result["tensors"]
