@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import socket
 import subprocess
 import sys
 import textwrap
@@ -104,12 +103,6 @@ def train_step(model, optimizer, compressor, i: int) -> None:
     optimizer.step()
     optimizer.zero_grad()
     compressor.step()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_python(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
