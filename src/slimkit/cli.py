@@ -55,8 +55,8 @@ def demo(
     run_dir: RunDir = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
-    """Train on bundled digits, prune to 80% while fine-tuning, pack, and report."""
-    _run(builtin_recipe_path("digits_prune"), run_dir, quiet)
+    """Train on bundled digits, prune to 80% while fine-tuning, quantize to int8, export, report."""
+    _run(builtin_recipe_path("digits_prune_int8"), run_dir, quiet)
 
 
 @app.command()

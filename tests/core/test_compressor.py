@@ -144,3 +144,33 @@ def test_one_shot_pruning_acts_at_apply_and_finalize_returns_a_plain_model() -> 
 def test_unknown_technique_config_is_rejected() -> None:
     with pytest.raises(ConfigError, match=r"unknown technique kind 'constant'.*magnitude_prune"):
         Compressor([ConstantSchedule(target=0.5)])
+
+
+def test_data_hooks_reach_the_techniques_that_need_data() -> None:
+    from slimkit.quant import QATConfig, StaticQuantizationConfig
+
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    static = Compressor([MagnitudePruningConfig(sparsity=0.5)])
+    model = make_model()
+    static.apply(model)
+    assert static.before_training(batches) == [] and static.after_training(batches) == []
+
+    calibrated = Compressor([StaticQuantizationConfig()]).apply(make_model())
+    assert calibrated.before_training(batches) == []
+    assert not calibrated.techniques[0].calibrated
+    assert calibrated.after_training(batches) == ["static_quant"]
+    assert calibrated.techniques[0].calibrated
+    # the input range comes from exactly these batches
+    [quantizer] = [q for k, q in calibrated.model.activation_quantizers.items() if "input" in k]
+    low = min(float(b.min()) for b in batches)
+    assert float(-quantizer.zero_point * quantizer.scale) == pytest.approx(low, rel=1e-2)
+
+    qat = Compressor([QATConfig()]).apply(make_model())
+    assert qat.before_training(batches) == ["qat"]
+    assert qat.techniques[0].initialized
+    assert qat.after_training(batches) == []
+
+
+def test_data_hooks_need_an_applied_compressor() -> None:
+    with pytest.raises(StateError, match=r"apply\(model\)"):
+        Compressor([MagnitudePruningConfig(sparsity=0.5)]).after_training([])

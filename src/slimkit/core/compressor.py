@@ -3,6 +3,7 @@
 ::
 
     compressor = Compressor([MagnitudePruning(cfg)]).apply(model)
+    compressor.before_training(calibration_batches)     # QAT range init (no-op for pruning)
     for batch in loader:
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)
@@ -10,14 +11,16 @@
         loss.backward(); optimizer.step()
         compressor.step()                               # after optimizer.step(), before the
                                                         # next zero_grad (taylor reads .grad)
+    compressor.after_training(calibration_batches)      # static PTQ calibration
     plain = compressor.finalize()
 
-It never owns the optimizer or the data. ``state_dict``/``load_state_dict`` resume exactly.
+It never owns the optimizer or the data; it only sees the batches it is handed.
+``state_dict``/``load_state_dict`` resume exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -57,6 +60,23 @@ class Compressor:
         self._require_model()
         self.step_count += 1
         self.updated = [t for t in self.techniques if t.step(self.step_count)]
+
+    def before_training(self, batches: Iterable[Any], *, progress: bool = False) -> list[str]:
+        """Give ``batches`` to each technique that needs data before training; their kinds.
+
+        ``batches`` is re-iterated per technique: pass a re-iterable (a list, a DataLoader).
+        """
+        model = self._require_model()
+        return [
+            t.kind for t in self.techniques if t.before_training(model, batches, progress=progress)
+        ]
+
+    def after_training(self, batches: Iterable[Any], *, progress: bool = False) -> list[str]:
+        """Give ``batches`` to each technique that needs data after training (calibration)."""
+        model = self._require_model()
+        return [
+            t.kind for t in self.techniques if t.after_training(model, batches, progress=progress)
+        ]
 
     def loss(self, outputs: Any = None, batch: Any = None) -> torch.Tensor | float:
         """Sum of the techniques' extra loss terms (0.0 when none adds one)."""

@@ -1,16 +1,20 @@
 """The Technique life cycle and the explicit technique registry.
 
 ``apply(model)`` attaches state to the modules a :class:`~slimkit.core.scope.Scope` selects;
-``step(step)`` is called once per optimizer step; ``loss(outputs, batch)`` adds a loss term (zero by
-default); ``finalize(model)`` returns a plain model; ``state_dict``/``load_state_dict`` hold what
-resuming needs beyond the model's own state dict (buffers on the model travel with it).
+``before_training``/``after_training`` get batches of data where a technique needs them (range
+initialisation, calibration); ``step(step)`` is called once per optimizer step;
+``loss(outputs, batch)`` adds a loss term (zero by default); ``finalize(model)`` returns a plain
+model and ``export_onnx`` writes it in the technique's deployable form (int8 QDQ, ...);
+``state_dict``/``load_state_dict`` hold what resuming needs beyond the model's own state dict
+(buffers on the model travel with it).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -70,6 +74,27 @@ class Technique(abc.ABC):
         """Advance to optimizer step ``step`` (count of optimizer steps taken); True if it acted."""
         self.current_step = step
         return False
+
+    def before_training(
+        self, model: nn.Module, batches: Iterable[Any], *, progress: bool = False
+    ) -> bool:
+        """Data-dependent setup before training (QAT's range init); True if it used the data."""
+        return False
+
+    def after_training(
+        self, model: nn.Module, batches: Iterable[Any], *, progress: bool = False
+    ) -> bool:
+        """Data-dependent work after training (static PTQ calibration); True if it used the data."""
+        return False
+
+    def export_onnx(
+        self, model: nn.Module, example_inputs: tuple[Any, ...], path: Path
+    ) -> Path | None:
+        """Write the finalized ``model`` in this technique's ONNX form (e.g. int8 QDQ) at ``path``.
+
+        ``None``: the technique does not change how the model is exported (plain fp32 ONNX).
+        """
+        return None
 
     def scalars(self) -> dict[str, float]:
         """Scalars for TensorBoard (``tag -> value``); empty by default."""

@@ -234,6 +234,10 @@ class DynamicQuantization(Technique):
                 module.revert()
         return model
 
+    def export_onnx(self, model: nn.Module, example_inputs: tuple[Any, ...], path: Path) -> Path:
+        """The finalized model as ONNX with this technique's Linears as ``MatMulInteger``."""
+        return export_dynamic_onnx(model, example_inputs, path, config=self.config)
+
 
 # --- ONNX export --------------------------------------------------------------------------------
 

@@ -143,7 +143,8 @@ def fold_batchnorm_(model: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(conv):
             raise UnsupportedModuleError(
                 f"cannot fold {bn_name!r} into {conv_name!r}: the conv has parametrizations "
-                f"({', '.join(conv.parametrizations)}); remove them first"
+                f"({', '.join(conv.parametrizations)}); remove them first (in a recipe: "
+                "quantize in a stage after the pruning stage)"
             )
         weight, bias = fold_bn_into_conv(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias

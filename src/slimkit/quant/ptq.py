@@ -30,6 +30,7 @@ import copy
 import itertools
 import operator
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -343,6 +344,19 @@ class StaticQuantization(Technique):
             raise ConfigError("calibration loader yielded no batches")
         self._freeze()
         return model
+
+    def after_training(
+        self, model: nn.Module, batches: Iterable[Any], *, progress: bool = False
+    ) -> bool:
+        """Calibrate on ``batches`` once the stage has trained (post-training quantization)."""
+        self.calibrate(model, batches, progress=progress)
+        return True
+
+    def export_onnx(self, model: nn.Module, example_inputs: tuple[Any, ...], path: Path) -> Path:
+        """The calibrated model as an ONNX QDQ file that ONNX Runtime runs with int8 kernels."""
+        from slimkit.export.qdq import export_qdq  # here: keeps onnx out of `import slimkit`
+
+        return export_qdq(model, example_inputs, path)
 
     def _freeze(self) -> None:
         quantizers = self._activation_quantizers()

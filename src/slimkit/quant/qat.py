@@ -131,6 +131,7 @@ class QuantizationAwareTraining(Technique):
         self._hooks: list[Any] = []
         self._bn_momenta: dict[nn.Module, float | None] = {}
         self.initialized = False
+        self._final_summary: TechniqueSummary | None = None
 
     def plan(self, model: nn.Module) -> Selection:
         return self.config.scope.select(
@@ -218,6 +219,13 @@ class QuantizationAwareTraining(Technique):
         self.initialized = True
         return model
 
+    def before_training(
+        self, model: nn.Module, batches: Iterable[Any], *, progress: bool = False
+    ) -> bool:
+        """Initialise the input quantizers from ``batches`` (see :meth:`initialize`)."""
+        self.initialize(model, batches, num_batches=None)
+        return True
+
     def _init_input(self, name: str, quantizer: LSQQuantizer, stats: _InputStats) -> None:
         if stats.count == 0:
             raise StateError(
@@ -268,6 +276,9 @@ class QuantizationAwareTraining(Technique):
         }
 
     def summary(self) -> TechniqueSummary:
+        """Per-layer bits and learned scales (as they were at ``finalize`` once finalized)."""
+        if self._final_summary is not None:
+            return self._final_summary
         rows = [
             [
                 name,
@@ -298,6 +309,7 @@ class QuantizationAwareTraining(Technique):
         stored weight is the quantized, masked value, so it stays exactly 0 where pruned.
         """
         self._require_applied()
+        self._final_summary = self.summary()
         for _, module in self._layers():
             quantized = module.weight.detach().clone()
             plist = module.parametrizations.weight

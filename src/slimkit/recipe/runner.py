@@ -8,8 +8,9 @@ recipe), ``tensorboard/`` event files, ``baseline.onnx`` and ``model.onnx`` (fp3
 from __future__ import annotations
 
 import io
+import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimkit.core.compressor import Compressor
+from slimkit.core.technique import Technique
 from slimkit.errors import CheckpointError, ConfigError
-from slimkit.export.onnx import export_onnx
+from slimkit.export.onnx import export_onnx, optimized_op_counts
 from slimkit.export.packed import save_packed
 from slimkit.io import atomic_path, atomic_write_json, atomic_write_text
+from slimkit.measure.latency import compare_latency
+from slimkit.measure.ort_module import OrtModule
 from slimkit.measure.size import count_nonzero_parameters, count_parameters, dense_checkpoint_bytes
 from slimkit.recipe.schema import Recipe, TrainBudget, dump_recipe
 from slimkit.report.table import make_table, print_summary
@@ -67,48 +71,85 @@ class RunResult:
     def final(self) -> StageResult:
         return self.stages[-1]
 
+    def columns(self) -> list[str]:
+        return ["metric", "baseline", *(s.name for s in self.stages), "change"]
+
     def rows(self) -> list[list[Any]]:
+        """One row per measure: baseline, each stage, and the change (ratio for sizes/times).
+
+        Measures of the exported files exist only for the final model; earlier stages show "".
+        """
         m = self.metric_name
+        results = [self.baseline, *self.stages]
+        gap = [""] * (len(self.stages) - 1)
+
+        def per_stage(label: str, values: list[Any], change: Any) -> list[Any]:
+            return [label, *values, change]
+
+        def final_only(label: str, before: Any, after: Any, change: Any) -> list[Any]:
+            return [label, before, *gap, after, change]
+
         base, final = self.baseline, self.final
         rows = [
-            [
-                f"test {m}",
-                base.test_metric,
-                final.test_metric,
-                final.test_metric - base.test_metric,
-            ],
-            [
+            per_stage(
+                f"test {m}", [r.test_metric for r in results], final.test_metric - base.test_metric
+            ),
+            per_stage(
                 "sparsity (all params)",
-                base.sparsity,
-                final.sparsity,
+                [r.sparsity for r in results],
                 final.sparsity - base.sparsity,
-            ],
-            [
+            ),
+            per_stage(
                 "nonzero params",
-                base.nonzero_params,
-                final.nonzero_params,
+                [r.nonzero_params for r in results],
                 final.nonzero_params - base.nonzero_params,
-            ],
+            ),
         ]
         packed = self.artifacts.get("packed")
         if packed:
             rows.append(
-                [
-                    "checkpoint bytes",
+                final_only(
+                    f"checkpoint bytes (packed {packed['values_dtype']})",
                     packed["dense_fp32_bytes"],
                     packed["bytes"],
                     f"x{packed['ratio']:.3f}",
-                ]
+                )
             )
-        rows.append(["wall time s", base.wall_s, sum(s.wall_s for s in self.stages), ""])
+        onnx = self.artifacts.get("onnx") or {}
+        metric = onnx.get(f"test_{m}")
+        if metric is not None:
+            rows.append(
+                final_only(f"test {m} (ORT)", base.test_metric, metric, metric - base.test_metric)
+            )
+        if onnx:
+            rows.append(
+                final_only(
+                    f"ONNX bytes ({onnx['form']})",
+                    onnx["baseline_bytes"],
+                    onnx["model_bytes"],
+                    f"x{onnx['size_ratio']:.3f}",
+                )
+            )
+        latency = onnx.get("latency")
+        for b in latency["batch_sizes"] if latency else ():
+            ms = latency["median_ms"]
+            rows.append(
+                final_only(
+                    f"ORT ms batch {b} ({latency['threads']} thr)",
+                    round(ms["baseline"][b], 4),
+                    round(ms["model"][b], 4),
+                    f"x{latency['ratio'][b]:.3f}",
+                )
+            )
+        rows.append(per_stage("wall time s", [r.wall_s for r in results], ""))
         return rows
 
     def __str__(self) -> str:
         console = Console(width=100, record=True, file=io.StringIO())
         console.print(
             make_table(
-                f"{self.recipe}: before / after",
-                ["metric", "baseline", "compressed", "change"],
+                f"{self.recipe}: before / after each stage",
+                self.columns(),
                 self.rows(),
             )
         )
@@ -182,6 +223,34 @@ def make_lr_schedule(
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
 
 
+# Kernels that show ONNX Runtime runs (part of) the model in integer arithmetic.
+INT_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QLinearAdd",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QGemm",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeLinear",
+    }
+)
+
+
+class TrainBatches:
+    """The first ``count`` batches of the task's training data, re-iterable and streamed."""
+
+    def __init__(self, task: Task, seed: int, count: int) -> None:
+        self.task, self.seed, self.count = task, seed, count
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.task.train_loader(self.seed)), self.count)
+
+
 class Runner:
     """Executes a :class:`Recipe`; the CLI and the Python API both use it."""
 
@@ -201,6 +270,7 @@ class Runner:
         self.task = task or load_task(recipe.task, seed=recipe.seed, batch_size=recipe.batch_size)
         self.summaries: CompressionSummaries | None = None
         self.global_step = 0
+        self.techniques: list[Technique] = []  # every stage's, in order (for the export form)
 
     # --- training -------------------------------------------------------------------------
     def train(
@@ -211,6 +281,8 @@ class Runner:
         compressor: Compressor | None = None,
     ) -> int:
         """Train ``budget.epochs`` epochs; step the compressor after every optimizer step."""
+        if budget.epochs == 0:
+            return 0
         task = self.task
         optimizer = make_optimizer(model.parameters(), budget)
         decay = make_lr_schedule(optimizer, budget, len(task.train_loader(0)))
@@ -298,12 +370,16 @@ class Runner:
         torch.manual_seed(self.recipe.seed + index + 1)
         start = time.perf_counter()
         compressor = Compressor(list(stage.techniques)).apply(model)
+        batches = TrainBatches(self.task, self.recipe.seed + index, stage.calibration_batches)
+        compressor.before_training(batches, progress=self.show_progress)
         if self.summaries is not None:
             self.summaries.log_compressor(compressor, force=True)
         steps = self.train(model, stage.train, stage.name, compressor)
+        compressor.after_training(batches, progress=self.show_progress)
         if self.summaries is not None:
             self.summaries.log_compressor(compressor, force=True)
         model = compressor.finalize()
+        self.techniques.extend(compressor.techniques)
         result = self.measure(model, stage.name, steps, time.perf_counter() - start, compressor)
         for summary in compressor.summaries():
             if self.show_progress:
@@ -333,10 +409,50 @@ class Runner:
                 "values_dtype": cfg.values_dtype,
             }
         if cfg.onnx:
-            example = self.task.example_inputs
-            export_onnx(baseline, example, self.run_dir / "baseline.onnx")
-            export_onnx(model, example, self.run_dir / "model.onnx")
-            out["onnx"] = {"baseline": "baseline.onnx", "model": "model.onnx"}
+            out["onnx"] = self.export_onnx(baseline, model)
+        return out
+
+    def export_onnx(self, baseline: nn.Module, model: nn.Module) -> dict[str, Any]:
+        """``baseline.onnx`` and ``model.onnx`` (the last technique with an ONNX form decides it),
+        their sizes, ORT latency (interleaved) and the task metric of ``model.onnx`` in ORT."""
+        cfg = self.recipe.export
+        example = self.task.example_inputs
+        paths = {"baseline": self.run_dir / "baseline.onnx", "model": self.run_dir / "model.onnx"}
+        export_onnx(baseline, example, paths["baseline"])
+        form = "fp32"
+        for technique in reversed(self.techniques):
+            if technique.export_onnx(model, example, paths["model"]) is not None:
+                form = technique.kind
+                break
+        else:
+            export_onnx(model, example, paths["model"])
+        out: dict[str, Any] = {
+            "baseline": paths["baseline"].name,
+            "model": paths["model"].name,
+            "form": form,
+            "baseline_bytes": paths["baseline"].stat().st_size,
+            "model_bytes": paths["model"].stat().st_size,
+        }
+        out["size_ratio"] = out["model_bytes"] / out["baseline_bytes"]
+        out["integer_ops"] = {
+            op: n for op, n in sorted(optimized_op_counts(paths["model"]).items()) if op in INT_OPS
+        }
+        if cfg.onnx_metric:
+            name = self.task.metric_name
+            out[f"test_{name}"] = self.task.metric(OrtModule(paths["model"]), self.task.test_loader)
+        if cfg.latency:
+            batches = sorted({1, cfg.latency_batch})
+            timing = compare_latency(
+                paths, batch_sizes=batches, threads=cfg.latency_threads, rounds=3, repeats=30
+            )
+            out["latency"] = {
+                "threads": cfg.latency_threads,
+                "batch_sizes": batches,
+                "median_ms": {
+                    n: {b: timing["results"][n][b]["median_ms"] for b in batches} for n in paths
+                },
+                "ratio": {b: timing["results"]["model"][b]["ratio"] for b in batches},
+            }
         return out
 
     def run(self) -> RunResult:

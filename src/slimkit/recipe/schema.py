@@ -18,9 +18,20 @@ from pydantic import Field, model_validator
 from slimkit.core.config import Config
 from slimkit.errors import ConfigError
 from slimkit.prune.magnitude import MagnitudePruningConfig
+from slimkit.quant.dynamic import DynamicQuantConfig
+from slimkit.quant.ptq import StaticQuantizationConfig
+from slimkit.quant.qat import QATConfig
+from slimkit.quant.weight_only import WeightOnlyConfig
 
-# Technique configs the recipe accepts; each new technique adds its config here.
-TechniqueConfig = Annotated[MagnitudePruningConfig, Field(discriminator="kind")]
+# Technique configs the recipe accepts, told apart by ``kind``; each new technique adds its own.
+TechniqueConfig = Annotated[
+    MagnitudePruningConfig
+    | StaticQuantizationConfig
+    | QATConfig
+    | DynamicQuantConfig
+    | WeightOnlyConfig,
+    Field(discriminator="kind"),
+]
 
 RECIPE_VERSION = 1
 
@@ -54,14 +65,31 @@ class StageConfig(Config):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     train: TrainBudget = TrainBudget()
     techniques: list[TechniqueConfig] = Field(default_factory=list)
+    calibration_batches: int = Field(
+        16,
+        ge=1,
+        description="training batches given to techniques that need data: static_quant "
+        "calibrates on them after training, qat initialises its ranges on them before",
+    )
 
 
 class ExportConfig(Config):
-    """What the run writes besides metrics: a packed sparse checkpoint and an fp32 ONNX model."""
+    """What the run writes besides metrics: a packed sparse checkpoint and ONNX models.
+
+    ``onnx`` writes ``baseline.onnx`` (fp32) and ``model.onnx`` in the form the last quantization
+    technique gives it (int8 QDQ for ``static_quant``, ``MatMulInteger`` for ``dynamic_quant``),
+    else fp32; ``latency`` then times both in ONNX Runtime (interleaved, ``latency_threads``
+    intra-op threads) at batch 1 and ``latency_batch``, and ``onnx_metric`` evaluates the task
+    metric on ``model.onnx`` as ONNX Runtime runs it (both only with ``onnx``).
+    """
 
     packed: bool = True
     values_dtype: Literal["float16", "float32"] = "float16"
     onnx: bool = True
+    latency: bool = True
+    latency_batch: int = Field(64, ge=1)
+    latency_threads: int = Field(1, ge=1)
+    onnx_metric: bool = True
 
 
 class Recipe(Config):
