@@ -99,6 +99,20 @@ def test_inspect_lists_touched_modules(
     assert "bn1" not in out
 
 
+def test_inspect_shows_both_stages_of_the_demo_recipe(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["inspect", str(SHIPPED.with_name("digits_prune_int8.yaml"))]) == 0
+    rows = [line.split("│") for line in capsys.readouterr().out.splitlines() if "│" in line]
+    by_stage = {}
+    for row in rows:
+        by_stage.setdefault((row[1].strip(), row[2].strip()), []).append(row[3].strip())
+    assert set(by_stage) == {("prune", "magnitude_prune"), ("int8", "static_quant")}
+    assert by_stage[("prune", "magnitude_prune")] == by_stage[("int8", "static_quant")]
+    assert len(by_stage[("int8", "static_quant")]) == 10
+
+
 def test_inspect_reports_a_rule_that_matches_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from slimkit.errors import ConfigError
 from slimkit.prune import MagnitudePruningConfig
+from slimkit.quant import StaticQuantizationConfig
 from slimkit.recipe.schema import Recipe, dump_recipe, load_recipe, recipe_json_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,21 @@ def test_shipped_and_builtin_recipes_are_identical_and_load() -> None:
     assert technique.schedule is not None
     assert technique.schedule.final_value == 0.8
     assert technique.schedule.last_update_step == 120
+
+
+def test_the_demo_recipe_prunes_then_quantizes_to_int8() -> None:
+    shipped = ROOT / "recipes" / "digits_prune_int8.yaml"
+    builtin = BUILTIN.with_name("digits_prune_int8.yaml")
+    assert shipped.read_bytes() == builtin.read_bytes()
+    recipe = load_recipe(shipped)
+    prune, int8 = recipe.stages
+    # the prune stage is the plain pruning recipe's, name aside
+    assert prune == load_recipe(SHIPPED).stages[0]
+    [quant] = int8.techniques
+    assert isinstance(quant, StaticQuantizationConfig)
+    assert (quant.bits, quant.per_channel, quant.reduce_range) == (8, True, False)
+    assert int8.train.epochs == 0 and int8.calibration_batches == 16
+    assert recipe.export.onnx and recipe.export.latency and recipe.export.onnx_metric
 
 
 def test_dump_then_load_gives_an_equal_recipe(tmp_path: Path) -> None:
