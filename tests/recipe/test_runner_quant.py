@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+import torch
 import yaml
 from onnx import numpy_helper
 from rich.console import Console
@@ -72,6 +73,13 @@ def test_static_stage_exports_int8_that_ort_runs_with_integer_kernels(pruned_int
     torch_metric = metrics["stages"][-1]["test_metric"]
     assert onnx_info["test_accuracy"] == pytest.approx(torch_metric, abs=0.01)
     assert onnx_info["model_bytes"] < 0.4 * onnx_info["baseline_bytes"]
+    # quantization and unstructured pruning change no multiply-accumulates
+    from slimkit.measure.flops import count_macs
+    from slimkit.models.cnn import DigitsResNet
+
+    macs = count_macs(DigitsResNet(width=16), (torch.zeros(1, 1, 8, 8),)).total_macs
+    assert [metrics["baseline"]["macs"]] + [s["macs"] for s in metrics["stages"]] == [macs] * 3
+    assert "MACs per sample" in str(result)
     [summary] = metrics["stages"][1]["techniques"]
     assert summary["technique"] == "static_quant"
     assert summary["totals"]["calibrated"] is True
@@ -105,7 +113,7 @@ def test_qat_initialises_before_training_then_exports_int8(tmp_path: Path) -> No
         "calibration_batches": 2,
         "techniques": [{"kind": "qat", "wbits": 4, "abits": 8}],
     }
-    result, metrics = run(recipe(qat, INT8), tmp_path / "run")
+    _result, metrics = run(recipe(qat, INT8), tmp_path / "run")
     [summary] = metrics["stages"][0]["techniques"]
     assert summary["technique"] == "qat" and summary["totals"]["layers"] == 10
     # ranges came from the calibration batches (ptq init), not from LSQ's first-batch guess
@@ -121,7 +129,7 @@ def test_dynamic_stage_exports_matmul_integer(tmp_path: Path) -> None:
         "train": {"epochs": 0},
         "techniques": [{"kind": "dynamic_quant"}],
     }
-    result, metrics = run(recipe(dynamic, export={"latency": False}), tmp_path / "run")
+    _result, metrics = run(recipe(dynamic, export={"latency": False}), tmp_path / "run")
     info = metrics["artifacts"]["onnx"]
     assert info["form"] == "dynamic_quant"
     assert info.get("integer_ops", {}).keys() & {"MatMulInteger", "DynamicQuantizeMatMul"}

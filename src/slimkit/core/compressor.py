@@ -36,10 +36,16 @@ STATE_VERSION = 1
 class Compressor:
     """Holds techniques, counts optimizer steps, and calls each technique's life cycle."""
 
-    def __init__(self, techniques: Sequence[Technique | Config]) -> None:
+    def __init__(
+        self, techniques: Sequence[Technique | Config], *, example_inputs: Any = None
+    ) -> None:
         self.techniques: list[Technique] = [
             t if isinstance(t, Technique) else make_technique(t) for t in techniques
         ]
+        if example_inputs is not None:  # for techniques that trace the model (structured, KD)
+            for technique in self.techniques:
+                if technique.example_inputs is None:
+                    technique.example_inputs = example_inputs
         self.model: nn.Module | None = None
         self.step_count = 0
         self.finalized = False

@@ -57,6 +57,9 @@ class Technique(abc.ABC):
                 f"got {type(config).__name__}"
             )
         self.config = config
+        # inputs for a dry run of the model, for techniques that trace it (a Compressor given
+        # example_inputs fills it in where a technique has none)
+        self.example_inputs: Any = None
         self.selection: Selection | None = None
         self.current_step = 0
         self._model: nn.Module | None = None

@@ -27,6 +27,7 @@ from slimkit.errors import CheckpointError, ConfigError
 from slimkit.export.onnx import export_onnx, optimized_op_counts
 from slimkit.export.packed import save_packed
 from slimkit.io import atomic_path, atomic_write_json, atomic_write_text
+from slimkit.measure.flops import count_macs
 from slimkit.measure.latency import compare_latency
 from slimkit.measure.ort_module import OrtModule
 from slimkit.measure.size import count_nonzero_parameters, count_parameters, dense_checkpoint_bytes
@@ -46,6 +47,7 @@ class StageResult:
     params: int
     nonzero_params: int
     sparsity: float
+    macs: int  # multiply-accumulates per sample (slimkit.measure.flops.count_macs)
     steps: int
     wall_s: float
     techniques: list[dict[str, Any]] = field(default_factory=list)
@@ -103,6 +105,12 @@ class RunResult:
                 "nonzero params",
                 [r.nonzero_params for r in results],
                 final.nonzero_params - base.nonzero_params,
+            ),
+            per_stage("params", [r.params for r in results], final.params - base.params),
+            per_stage(
+                "MACs per sample",
+                [r.macs for r in results],
+                f"x{final.macs / max(1, base.macs):.3f}",
             ),
         ]
         packed = self.artifacts.get("packed")
@@ -347,6 +355,7 @@ class Runner:
             params=params,
             nonzero_params=nonzero,
             sparsity=1.0 - nonzero / max(1, params),
+            macs=count_macs(model, task.example_inputs).total_macs,
             steps=steps,
             wall_s=round(wall_s, 3),
             techniques=[s.to_dict() for s in compressor.summaries()] if compressor else [],
@@ -369,7 +378,8 @@ class Runner:
         stage = self.recipe.stages[index]
         torch.manual_seed(self.recipe.seed + index + 1)
         start = time.perf_counter()
-        compressor = Compressor(list(stage.techniques)).apply(model)
+        compressor = Compressor(list(stage.techniques), example_inputs=self.task.example_inputs)
+        compressor.apply(model)
         batches = TrainBatches(self.task, self.recipe.seed + index, stage.calibration_batches)
         compressor.before_training(batches, progress=self.show_progress)
         if self.summaries is not None:
