@@ -329,6 +329,23 @@ def test_entropy_matches_tensorrt_reference_loop(bits, seed):
     assert float(obs.compute_range()[1]) == pytest.approx(min(expected, float(x.max())))
 
 
+@pytest.mark.parametrize("seed", [0, 2, 3])
+def test_entropy_exact_ties_go_to_the_larger_threshold(seed):
+    # Pixel-like data: a few discrete levels k/16 and many exact zeros (replaced by bin 1, which
+    # is empty). Keeping only the first level (all p mass in one bin) and keeping everything
+    # both give KL = 0 exactly; the prefix-sum scores differ by rounding noise (~1e-16), which
+    # must not pick the degenerate 1/16 range (it did, with 7-bit unsigned codes: n_q = 128).
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randint(1, 17, (30_000,), generator=g).float() / 16
+    x = torch.where(torch.rand(30_000, generator=g) < 0.6, torch.zeros(()), levels)
+    spec = QuantSpec(signed=False, reduce_range=True)
+    obs = calibrated("entropy", spec, x, batches=1)
+    with np.errstate(invalid="ignore"):  # candidates whose q is empty score nan there
+        width = _tensorrt_entropy_reference(obs._abs_histogram().numpy(), 128)
+    assert width == 2048
+    assert float(obs.compute_range()[1]) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_percentile_matches_onnxruntime_within_one_bin(symmetric):
     # 100_003 samples: no percentile falls exactly on a sample count, where ORT's float

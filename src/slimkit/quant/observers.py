@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _CHUNK_ELEMENTS = 1 << 21  # (candidate, bin) pairs evaluated at once by the MSE search
+_KL_TIE = 1e-12  # nats: entropy scores this close to the minimum are ties (float noise)
 
 
 class Observer(nn.Module):
@@ -364,8 +365,9 @@ class EntropyObserver(_HistogramObserver):
     ``i`` bins, ``n_q <= i <= bins``, is scored: the reference ``p`` is the first ``i`` bins
     with the tail added to the last; ``q`` merges those bins into ``n_q`` quantization bins and
     spreads each back evenly over its non-empty bins. The threshold with minimal ``KL(p || q)``
-    wins (the largest on ties). ``n_q`` is the number of codes on one side of zero (128 for
-    int8), or all codes for asymmetric specs on non-negative data. The range is ``(-t, t)``
+    wins; ties (scores within 1e-12 nats: exact ties that rounding splits) go to the largest.
+    ``n_q`` is the number of codes on one side of zero (128 for int8), or all codes for
+    asymmetric specs on non-negative data. The range is ``(-t, t)``
     clipped to the data. The smallest threshold it can pick is ``n_q / bins * max|x|``: raise
     ``bins`` when outliers lie more than ``bins / n_q`` times beyond the bulk. ONNX Runtime's
     ``EntropyCalibrater`` is a variant (it splits ``num_quantized_bins`` over both signs).
@@ -383,7 +385,9 @@ class EntropyObserver(_HistogramObserver):
             return self._finish(-float(self.threshold), float(self.threshold))
         cands = torch.arange(n_q, self.bins + 1, device=hist.device)
         kl = _kl_scores(hist, cands, n_q)
-        best = cands.numel() - 1 - int(torch.argmin(kl.flip(0)))
+        # ties (exact KL equalities the prefix sums round apart) go to the largest threshold
+        ties = torch.nonzero(kl <= kl.min() + _KL_TIE)
+        best = int(ties[-1]) if ties.numel() else cands.numel() - 1
         t = int(cands[best]) * float(self.threshold) / self.bins
         return self._finish(-t, t)
 
