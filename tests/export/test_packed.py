@@ -244,7 +244,7 @@ def test_metadata_record_describes_every_tensor(tmp_path):
     assert set(header) == {METADATA_KEY, USER_METADATA_KEY}
     assert json.loads(header[USER_METADATA_KEY]) == {"run": "r1", "k": "", "note": "café"}
     assert "café" in header[USER_METADATA_KEY]  # plain text, not escaped or compressed
-    assert (record["format"], record["version"], packed.VERSION) == ("slimkit-packed", 2, 2)
+    assert (record["format"], record["version"], packed.VERSION) == ("slimkit-packed", 3, 3)
     assert record["values_dtype"] == "float16"
     assert set(record["blobs"]) == set(blobs) == {"bits", "values.float16", "raw.int64"}
     assert all(blob.dim() == 1 for blob in blobs.values()) and blobs["bits"].dtype == torch.uint8
@@ -370,11 +370,13 @@ def test_report_serialises_and_renders_a_table(tmp_path):
         "dtype": "float32",
         "nonzero": 173,
         "stored_bytes": 108 + 173 * 2,
+        "values_dtype": "float16",
     }
     lines = str(report).splitlines()
     assert f"{report.ratio:.3f}x" in lines[0] and f"{report.bytes_on_disk:,} bytes" in lines[0]
-    assert lines[1].split() == "tensor shape dtype encoding nonzero stored bytes".split()
-    assert lines[2].split() == ["features.0.weight", "32x3x3x3", "float32", "bitmask", "173", "454"]
+    assert lines[1].split() == "tensor shape dtype encoding values nonzero stored bytes".split()
+    row = ["features.0.weight", "32x3x3x3", "float32", "bitmask", "float16", "173", "454"]
+    assert lines[2].split() == row
     assert len(lines) == 2 + len(report.tensors)
 
 
@@ -436,8 +438,9 @@ def _set_entry(field, value):
 @pytest.mark.parametrize(
     ("edit_record", "edit_tensors", "message"),
     [
-        (lambda r: r.update(version=3), None, "format 'slimkit-packed' version 3 is not supported"),
-        (lambda r: r.update(format="other"), None, "format 'other' version 2 is not supported"),
+        (lambda r: r.update(version=4), None, "format 'slimkit-packed' version 4 is not supported"),
+        (lambda r: r.update(version=3.0), None, "version 3.0 is not supported"),
+        (lambda r: r.update(format="other"), None, "format 'other' version 3 is not supported"),
         (lambda r: r.pop("tensors"), None, "'blobs' list of distinct names and a 'tensors' object"),
         (
             lambda r: r["blobs"].append("bits"),
@@ -480,9 +483,24 @@ def _set_entry(field, value):
             "tensor, expected 1-D float16",
         ),
         (
-            lambda r: r["blobs"].append("values.int8"),
+            lambda r: r["blobs"].append("values.int16"),
+            lambda t: t.update({"values.int16": torch.zeros(1, dtype=torch.int16)}),
+            "unknown blob name 'values.int16'",
+        ),
+        (
+            lambda r: r.update(version=2) or r["blobs"].append("values.int8"),
             lambda t: t.update({"values.int8": torch.zeros(1, dtype=torch.int8)}),
-            "unknown blob name 'values.int8'",
+            "unknown blob name 'values.int8'",  # version 2 had no int8 values
+        ),
+        (
+            lambda r: r.update(version=2) or r["blobs"].append("scales.float32"),
+            lambda t: t.update({"scales.float32": torch.ones(1)}),
+            "unknown blob name 'scales.float32'",
+        ),
+        (
+            lambda r: r["tensors"]["features.1.num_batches_tracked"][3].append([0, 0, 1]),
+            None,
+            "'features.1.num_batches_tracked' has a bad metadata entry",
         ),
     ],
 )
@@ -560,10 +578,10 @@ def test_version_1_files_are_rejected_as_unsupported(tmp_path):
         load_packed(path)
     assert str(info.value) == (
         f"{path}: format 'slimkit-packed' version 1 is not supported "
-        "(expected 'slimkit-packed' version 2)"
+        "(expected 'slimkit-packed' version 2 or 3)"
     )
 
-    record["version"] = 2  # a current record must be compressed, never plain JSON
+    record["version"] = 3  # a current record must be compressed, never plain JSON
     safetensors.torch.save_file({}, str(path), metadata={METADATA_KEY: json.dumps(record)})
     with pytest.raises(CheckpointError, match=r"record must be zlib-compressed base64$"):
         load_packed(path)
@@ -578,7 +596,11 @@ def test_plain_safetensors_is_not_a_packed_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     ("state", "options", "message"),
     [
-        ({"w": torch.ones(2)}, {"values_dtype": "int8"}, "values_dtype must be"),
+        (
+            {"w": torch.ones(2)},
+            {"values_dtype": "int4"},
+            "values_dtype must be one of 'float32', 'float16', 'int8', got 'int4'",
+        ),
         ({"w": torch.ones(2)}, {"metadata": {"epoch": 3}}, "metadata must map str to str"),
         ({3: torch.ones(2)}, {}, "state_dict keys must be str, got int 3"),
         ({"w": [1.0]}, {}, "must be a tensor, got list"),
@@ -628,3 +650,261 @@ def test_load_packed_into_names_shape_mismatches_and_key_problems(tmp_path):
     target = Net()
     load_packed_into(target, path, strict=False)
     assert torch.equal(target.head[4].bias, bias.half().float())
+
+
+# --- int8 values ----------------------------------------------------------------------------
+
+
+def int8_tolerance(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per-element bound on ``|decoded - x|``: half a step, plus rounding in float arithmetic."""
+    step = scales.double().reshape(-1, *[1] * (x.dim() - 1))
+    info = torch.finfo(x.dtype)
+    rounding = x.double().abs() * info.eps + info.smallest_normal * info.eps
+    return step * (0.5 + 1e-5) + rounding
+
+
+def random_pruned(shape: tuple[int, ...], sparsity: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * torch.rand(shape[0], *[1] * (len(shape) - 1))
+    flat = w.view(-1)
+    flat[torch.randperm(flat.numel(), generator=gen)[: round(sparsity * flat.numel())]] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("dtype", _FLOATS)
+@pytest.mark.parametrize("shape", [(96, 40), (16, 8, 3, 3)])
+def test_int8_round_trip_is_within_half_a_step_and_keeps_zeros_exact(tmp_path, shape, dtype):
+    w = random_pruned(shape, 0.7).to(dtype)
+    w[3] = 0.0  # an all-zero output channel
+    w.view(-1)[1] = -0.0
+    path = tmp_path / "w.safetensors"
+
+    report = save_packed({"w": w}, path, values_dtype="int8")
+    loaded = load_packed(path)[0]["w"]
+    _, record, blobs = read_packed(path)
+
+    assert report.values_dtype == record["values_dtype"] == "int8"
+    assert (report.tensors[0].encoding, report.tensors[0].values_dtype) == ("bitmask", "int8")
+    assert set(record["blobs"]) == {"bits", "values.int8", "scales.float32"}
+    scales = blobs["scales.float32"]
+    top = w.double().abs().reshape(shape[0], -1).amax(dim=1)
+    assert torch.allclose(scales.double(), top / 127, rtol=1e-7, atol=0) and scales[3] == 0
+    assert loaded.dtype == dtype and loaded.shape == w.shape
+    assert torch.equal(bits(loaded[w == 0]), torch.zeros_like(bits(loaded[w == 0])))  # +0.0
+    error = (loaded.double() - w.double()).abs()
+    assert (error <= int8_tolerance(w, scales)).all()
+
+
+def test_int8_is_lossless_for_weights_already_on_a_per_row_int8_grid(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (256, 64), generator=gen)
+    codes[:, :2] = torch.tensor([127, -127])  # every row reaches both ends of the grid
+    codes = codes[:, torch.randperm(64, generator=gen)]
+    scale = torch.exp(torch.empty(256).uniform_(-30.0, 30.0, generator=gen))  # 1e-13 .. 1e13
+    w = codes.float() * scale[:, None]
+    assert (w == 0).float().mean() > 0  # code 0 is a pruned weight, kept exact by the mask
+
+    save_packed({"w": w}, tmp_path / "w.safetensors", values_dtype="int8")
+    loaded = load_packed(tmp_path / "w.safetensors")[0]["w"]
+
+    assert torch.equal(loaded == 0, w == 0)
+    torch.testing.assert_close(loaded, w, rtol=1e-6, atol=0)
+    exact_rows = int((loaded == w).all(dim=1).sum())
+    assert exact_rows >= 0.9 * len(w)  # measured: ~99% of rows come back bit for bit
+
+    # the grid of slimkit's per-channel symmetric weight quantization (scale = max|w| / 127)
+    from slimkit.quant.affine import QuantSpec, fake_quantize, qparams_from_range
+
+    spec = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True)
+    raw = random_pruned((128, 200), 0.5, seed=1)
+    top = raw.abs().amax(dim=1)
+    scale, zero_point = qparams_from_range(-top, top, spec)
+    quantized = fake_quantize(raw, scale, zero_point, spec, 0)
+    encoding, parts = encode_tensor(quantized, values_dtype="int8")
+    out = decode_tensor(encoding, parts, shape=tuple(quantized.shape), dtype=torch.float32)
+    torch.testing.assert_close(out, quantized, rtol=1e-6, atol=0)
+    assert torch.equal(out == 0, quantized == 0)
+
+
+def test_int8_at_80_percent_sparsity_is_under_009_of_dense_fp32_and_below_float16(tmp_path):
+    w = random_pruned((512, 512), 0.8)
+    ratios, stored = {}, {}
+    for values_dtype in ("float32", "float16", "int8"):
+        report = save_packed(
+            {"w": w}, tmp_path / f"{values_dtype}.safetensors", values_dtype=values_dtype
+        )
+        ratios[values_dtype], stored[values_dtype] = report.ratio, report.tensors[0].stored_bytes
+    print("512x512 at 80% sparsity, bytes / dense fp32:", ratios)
+    nonzero = int((w != 0).sum())
+    assert stored["int8"] == 512 * 512 // 8 + nonzero + 4 * 512  # mask + codes + scales
+    assert stored["float16"] == 512 * 512 // 8 + 2 * nonzero
+    # payload bound: (1 mask bit + 0.2 * 8 code bits) / 32 dense bits + scales = 0.0832
+    assert ratios["int8"] < 0.09 < ratios["float16"] < ratios["float32"]
+
+
+def test_int8_mixed_state_dict_round_trips_and_loads_into_the_model(tmp_path):
+    net = pruned_net()
+    with torch.no_grad():
+        net.head[4].weight[:, 0] = torch.tensor([float("nan"), *range(9)])  # not int8-able
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    path = tmp_path / "net.safetensors"
+
+    report = save_packed(net, path, values_dtype="int8", metadata={"q": "int8"})
+    loaded, user = load_packed(path)
+    _, record, blobs = read_packed(path)
+
+    assert user == {"q": "int8"} and list(loaded) == list(state)
+    assert set(blobs) == {"bits", "values.int8", "scales.float32", "values.float16", "raw.int64"}
+    values = {info.name: info.values_dtype for info in report.tensors}
+    assert values["features.0.weight"] == values["head.0.weight"] == "int8"  # conv, linear
+    assert values["head.0.bias"] == values["features.1.running_var"] == "float16"
+    assert values["head.4.weight"] == "float16"  # NaN: kept as under values_dtype="float16"
+    assert values["features.1.num_batches_tracked"] is None
+    infos = {info.name: info for info in report.tensors}
+    head = infos["head.0.weight"]
+    assert head.stored_bytes == 512 * 64 // 8 + head.nonzero + 4 * 512
+    assert [len(record["tensors"][k][3]) for k in ("head.0.weight", "head.0.bias")] == [3, 1]
+    assert report.bytes_on_disk == path.stat().st_size
+    assert report.bytes_on_disk - sum(i.stored_bytes for i in report.tensors) < 1_200
+    assert report.ratio < 0.095  # measured 0.089 (float16: 0.134)
+    for name, tensor in state.items():
+        out = loaded[name]
+        assert out.dtype == tensor.dtype and out.shape == tensor.shape
+        if values[name] == "int8":
+            scales = encode_tensor(tensor, values_dtype="int8")[1]["scales"]
+            assert (out[tensor == 0] == 0).all()  # nonzeros under half a step may become 0
+            assert ((out - tensor).abs() <= int8_tolerance(tensor, scales)).all(), name
+        elif tensor.is_floating_point():
+            assert_same_floats(out, expected(tensor, "float16"))
+        else:
+            assert torch.equal(out, tensor)
+
+    with torch.no_grad():
+        net.head[4].weight[0, 0] = 0.5
+    fresh = Net()
+    assert load_packed_into(fresh, path) == {"q": "int8"}
+    fresh.head[4].weight.data[0, 0] = 0.5
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(fresh(x), net(x), rtol=0.05, atol=0.02)
+
+
+@st.composite
+def int8_cases(draw) -> torch.Tensor:
+    x = draw(sparse_tensors())
+    if x.dim() >= 2 and draw(st.booleans()):  # bounded values, so most cases are quantized
+        x = torch.where(torch.isfinite(x), x, torch.zeros_like(x)).clamp(-1e4, 1e4)
+    return x
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=int8_cases(), encoding=st.sampled_from([None, "dense", "bitmask", "index"]))
+def test_int8_decode_is_within_half_a_step(x, encoding):
+    chosen, parts = encode_tensor(x, values_dtype="int8", encoding=encoding)
+    out = decode_tensor(chosen, parts, shape=tuple(x.shape), dtype=x.dtype)
+    if x.dim() < 2 or not torch.isfinite(x).all():  # biases and norms, NaN/inf: float16 values
+        assert "scales" not in parts
+        assert_same_floats(out, expected(x, "float16"))
+        return
+    scales = parts["scales"]
+    assert parts["dense" if chosen == "dense" else "values"].dtype == torch.int8
+    assert scales.dtype == torch.float32 and scales.shape == (x.shape[0],)
+    assert out.dtype == x.dtype and torch.isfinite(out).all()
+    zero = x == 0
+    assert torch.equal(bits(out[zero]), torch.zeros_like(bits(out[zero])))  # +0.0 exactly
+    assert ((out.double() - x.double()).abs() <= int8_tolerance(x, scales)).all()
+
+
+_V2_FILE = (  # written by save_packed(..., values_dtype="float16") before int8 values existed
+    "iAIAAAAAAAB7Il9fbWV0YWRhdGFfXyI6eyJzbGlta2l0LnBhY2tlZCI6ImVOcGRqOUdPZ3lBVVJQL2xQdDgxZ3EwUC9vb2hH"
+    "NnpZRWhFTWw3YTdhZnJ2dlZBM1p2c0VHYzRNTXcrWVFseDBnZzdJMldXMjZXdlZwOW1NZ0hBemtXencwRW0rYTNjMTlEMm0z"
+    "OVV3TzdtZ2syZ1pHbHdZQ0xvZUJwc0kvc0JxQnpaaDJKV283NVgxcVQyQVFrakdVNGljOElCVDhMZnFidXo1a3JiQVJkTU0y"
+    "RXNVS0ZFeVhVSWF5VnBmWTQxQ1lTLzRiSlRpUjFwMUpKT3Qxby9taDZHMnJqOU5BZy9GMUhCZU5nMVdsL29qOXpENXIvOEdn"
+    "Y2NOdkdnM2ZkYks4RDRzeHg5TEo4bWQzaTVLWmkzNVBKb0pWdDdMR1c3S0FLV2V6eGNscDNiTiIsInNsaW1raXQudXNlcl9t"
+    "ZXRhZGF0YSI6IntcIndyaXR0ZW5fYnlcIjpcInYyXCJ9In0sInJhdy5pbnQ2NCI6eyJkdHlwZSI6Ikk2NCIsInNoYXBlIjpb"
+    "MV0sImRhdGFfb2Zmc2V0cyI6WzAsOF19LCJ2YWx1ZXMuYmZsb2F0MTYiOnsiZHR5cGUiOiJCRjE2Iiwic2hhcGUiOlsyXSwi"
+    "ZGF0YV9vZmZzZXRzIjpbOCwxMl19LCJ2YWx1ZXMuZmxvYXQxNiI6eyJkdHlwZSI6IkYxNiIsInNoYXBlIjpbN10sImRhdGFf"
+    "b2Zmc2V0cyI6WzEyLDI2XX0sImJpdHMiOnsiZHR5cGUiOiJVOCIsInNoYXBlIjpbNl0sImRhdGFfb2Zmc2V0cyI6WzI2LDMy"
+    "XX19ICAgICAHAAAAAAAAAIA/IMAAOAC9AEIAPgDAZi4AuFID//9CkA=="
+)
+
+
+def test_version_2_files_still_load(tmp_path):
+    path = tmp_path / "v2.safetensors"
+    path.write_bytes(base64.b64decode(_V2_FILE))
+    _, record, _ = read_packed(path)
+    assert record["version"] == 2
+    encodings = {name: entry[0] for name, entry in record["tensors"].items()}
+    assert list(encodings.values()) == ["bitmask", "index", "dense", "bitmask", "raw"]
+
+    loaded, user = load_packed(path)
+
+    sparse = torch.zeros(600)
+    sparse[3], sparse[580] = 1.5, -2.0
+    wanted = {
+        "conv.weight": torch.tensor([0.0, 0.5, 0.0, -1.25, 0.0, 0.0, 3.0, 0.0]).reshape(2, 1, 2, 2),
+        "sparse": sparse,
+        "bias": torch.tensor([0.1, -0.5]).half().float(),
+        "half": torch.tensor([[1.0, 0.0], [0.0, -2.5]], dtype=torch.bfloat16),
+        "steps": torch.tensor(7),
+    }
+    assert user == {"written_by": "v2"} and list(loaded) == list(wanted)
+    for name, tensor in wanted.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
+B = "head.0.bias"
+
+
+@pytest.mark.parametrize(
+    ("edit_record", "edit_tensors", "message"),
+    [
+        (lambda r: r["tensors"][W][3].pop(), None, "int8 values need a scales part (one per row)"),
+        (
+            _ref(W, 2, length=lambda n, r: n - 1),
+            None,
+            "scales part is a (511,) float32 tensor, expected 512 float32 values (one per row)",
+        ),
+        (
+            _ref(W, 1, blob=lambda b, r: _blob(r, "values.float16"), offset=0, length=8),
+            None,
+            "a scales part needs int8 bitmask values, got float16",
+        ),
+        (
+            lambda r: r["tensors"][B][3].append(list(r["tensors"][W][3][2])),
+            None,
+            f"'{B}': a scales part needs int8 dense values, got float16",
+        ),
+        (
+            lambda r: r["tensors"][B][3].__setitem__(
+                slice(None), [[_blob(r, "values.int8"), 0, 512], list(r["tensors"][W][3][2])]
+            ),
+            None,
+            f"'{B}': int8 values need 2 or more dims, got shape (512,)",
+        ),
+        (
+            _ref(W, 2, blob=lambda b, r: _blob(r, "bits")),
+            None,
+            "scales part is in blob 'bits', not scales.float32",
+        ),
+        (
+            lambda r: r["tensors"][W][3].append(list(r["tensors"][W][3][2])),
+            None,
+            f"'{W}' has a bad metadata entry",
+        ),
+        (
+            None,
+            lambda t: t.update({"scales.float32": t["scales.float32"].half()}),
+            "blob 'scales.float32' is a (",
+        ),
+        (None, lambda t: t["scales.float32"].fill_(float("nan")), "scales must be finite and >= 0"),
+        (None, lambda t: t["scales.float32"].fill_(-1.0), "scales must be finite and >= 0"),
+        (lambda r: r.update(version=2), None, "unknown blob name 'values.int8'"),
+    ],
+)
+def test_corrupt_int8_files_name_the_problem(tmp_path, edit_record, edit_tensors, message):
+    path = tmp_path / "net.safetensors"
+    save_packed(pruned_net(), path, values_dtype="int8")
+    _rewrite(path, edit_record, edit_tensors)
+    with pytest.raises(CheckpointError) as info:
+        load_packed(path)
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -13,26 +13,40 @@ Other tensors (integer buffers, bool masks, float8, complex) are stored as-is (p
 Values are stored in ``values_dtype``, or in the tensor's own dtype when that is no wider, and come
 back in the original dtype. Zeros (+0.0 and -0.0 alike) come back as +0.0; NaN and inf survive.
 
-File layout (version 2). The parts of all tensors are concatenated, in state_dict order, into a
+``values_dtype="int8"`` stores the values of floating tensors with 2 or more dims (weights) as
+int8 codes with one float32 scale per row of dim 0 (output channel; part ``scales``):
+``scale = max|row| / 127`` (0 for an all-zero row), ``code = round(x / scale)`` (half to even) in
+[-127, 127], and a value comes back as ``code * scale`` rounded once to the tensor's dtype, within
+``scale / 2`` of the original. Zeros are still marked by the mask, the index or a zero code, so
+they stay exactly zero; weights already on such a grid (slimkit's per-channel symmetric int8
+PTQ/QAT) come back exact up to float rounding. Tensors with fewer dims (biases, norms), and
+tensors holding NaN or inf, keep float16 values as under ``values_dtype="float16"``.
+
+File layout (version 3). The parts of all tensors are concatenated, in state_dict order, into a
 few 1-D safetensors entries ("blobs") keyed by role and dtype, so the safetensors header stays a
 small constant however many tensors there are:
 
 - ``bits`` (uint8): every ``mask`` and ``index`` part;
-- ``values.<dtype>`` (e.g. ``values.float16``): every ``values`` and (flattened) ``dense`` part
-  stored in that dtype;
+- ``values.<dtype>`` (e.g. ``values.float16``, ``values.int8``): every ``values`` and
+  (flattened) ``dense`` part stored in that dtype;
+- ``scales.float32``: every ``scales`` part;
 - ``raw.<dtype>`` (e.g. ``raw.int64``): every (flattened) ``raw`` part of that dtype.
 
 The safetensors ``__metadata__`` holds two string values:
 
 - ``slimkit.packed``: the record, compact JSON, zlib-compressed, base64-encoded::
 
-    {"format": "slimkit-packed", "version": 2, "values_dtype": "float16",
-     "blobs": ["bits", "values.float16", ...],
+    {"format": "slimkit-packed", "version": 3, "values_dtype": "int8",
+     "blobs": ["bits", "values.int8", "scales.float32", ...],
      "tensors": {name: [encoding, shape, dtype, [[blob, offset, length], ...]], ...}}
 
-  with one ``[blob, offset, length]`` per part (in the order listed above), ``blob`` an index
-  into ``blobs`` and ``offset``/``length`` counted in elements of that blob;
+  with one ``[blob, offset, length]`` per part (in the order listed above, then ``scales`` last
+  for a tensor whose values are int8 codes), ``blob`` an index into ``blobs`` and
+  ``offset``/``length`` counted in elements of that blob;
 - ``slimkit.user_metadata``: the user's metadata as plain JSON (an object of strings).
+
+Version 2 files (written before int8 values existed) have the same layout without int8 values,
+``scales.float32`` or ``scales`` parts; they still load.
 """
 
 from __future__ import annotations
@@ -58,11 +72,12 @@ from slimkit.io import atomic_path
 from slimkit.measure.size import dense_checkpoint_bytes, file_size
 
 FORMAT = "slimkit-packed"
-VERSION = 2
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
 METADATA_KEY = "slimkit.packed"
 USER_METADATA_KEY = "slimkit.user_metadata"
 PathLike = str | os.PathLike[str]
-ValuesDtype = Literal["float32", "float16"]
+ValuesDtype = Literal["float32", "float16", "int8"]
 Encoding = Literal["dense", "bitmask", "index", "raw"]
 
 _PARTS: dict[str, tuple[str, ...]] = {
@@ -72,7 +87,7 @@ _PARTS: dict[str, tuple[str, ...]] = {
     "raw": ("raw",),
 }
 _PACKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 _MAX_RECORD_BYTES = 1 << 30  # refuse records that inflate past this (a corrupt or hostile file)
 
 
@@ -100,7 +115,10 @@ def decode_gaps(codes: np.ndarray) -> np.ndarray:
 def encode_tensor(
     x: torch.Tensor, *, values_dtype: ValuesDtype = "float16", encoding: Encoding | None = None
 ) -> tuple[str, dict[str, torch.Tensor]]:
-    """Return ``(encoding, parts)`` for ``x``; ``encoding=None`` picks the smallest one."""
+    """Return ``(encoding, parts)`` for ``x``; ``encoding=None`` picks the smallest one.
+
+    When the values are int8 codes, ``parts`` also holds ``scales`` (float32, one per row).
+    """
     x = x.detach().cpu()
     allowed = ("dense", "bitmask", "index") if x.dtype in _PACKABLE else ("raw",)
     if encoding is not None and encoding not in allowed:
@@ -108,18 +126,22 @@ def encode_tensor(
     if allowed == ("raw",):
         return "raw", {"raw": x.clone(memory_format=torch.contiguous_format)}
     vdtype = _values_dtype(values_dtype)
+    quantized = _int8_rows(x) if vdtype == torch.int8 and x.dim() >= 2 else None
+    extra = {} if quantized is None else {"scales": quantized[1]}
+    vdtype = torch.float16 if vdtype == torch.int8 and quantized is None else vdtype
     vdtype = x.dtype if x.dtype.itemsize <= vdtype.itemsize else vdtype
     flat = x.reshape(-1)
     nonzero = flat != 0  # NaN counts as nonzero; +0.0 and -0.0 as zero
-    values = flat[nonzero].to(vdtype)
+    stored = flat.masked_fill(~nonzero, 0).to(vdtype) if quantized is None else quantized[0]
+    values = stored[nonzero]
     build = {
-        "dense": lambda: {"dense": flat.masked_fill(~nonzero, 0).to(vdtype).reshape(x.shape)},
+        "dense": lambda: {"dense": stored.reshape(x.shape)},
         "bitmask": lambda: {"mask": torch.from_numpy(np.packbits(nonzero.numpy()))},
         "index": lambda: {"index": torch.from_numpy(encode_gaps(np.flatnonzero(nonzero.numpy())))},
     }
     if encoding is None and values.numel() >= (flat.numel() + 7) // 8:
         build.pop("index")  # its codes take >= 1 byte per nonzero, never less than the mask
-    candidates = {name: make() for name, make in build.items() if encoding in (None, name)}
+    candidates = {name: make() | extra for name, make in build.items() if encoding in (None, name)}
     for name in ("bitmask", "index"):
         if name in candidates:
             candidates[name]["values"] = values
@@ -137,11 +159,15 @@ def decode_tensor(
 ) -> torch.Tensor:
     """Rebuild the dense tensor from :func:`encode_tensor` output; raise CheckpointError if bad."""
     shape, numel = tuple(shape), math.prod(shape)
+    scales = _scales(encoding, parts, shape, name)
+    row = numel // shape[0] if scales is not None and shape[0] else 0  # elements per row
     if encoding in ("dense", "raw"):
         stored = parts[encoding]
         if tuple(stored.shape) != shape:
             raise CheckpointError(f"{name}: stored shape {tuple(stored.shape)}, expected {shape}")
-        return stored.to(dtype, copy=True)  # never a view of the stored part
+        if scales is None:
+            return stored.to(dtype, copy=True)  # never a view of the stored part
+        return _dequantize(stored.reshape(shape[0], row), scales[:, None], dtype).reshape(shape)
     if encoding not in ("bitmask", "index"):
         raise CheckpointError(f"{name}: unknown encoding {encoding!r}")
     code = parts[_PARTS[encoding][0]]
@@ -163,13 +189,76 @@ def decode_tensor(
         count = f"{positions.size} nonzeros but {values.numel()} values"
         raise CheckpointError(f"{name}: {encoding} part marks {count}")
     out = torch.zeros(numel, dtype=dtype)
-    out[torch.from_numpy(positions)] = values.to(dtype)
+    index = torch.from_numpy(positions)
+    if scales is None:
+        out[index] = values.to(dtype)
+    else:
+        out[index] = _dequantize(values, scales[index // row] if row else scales[:0], dtype)
     return out.reshape(shape)
+
+
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Flat int8 codes and float32 scales (one per row of dim 0) of ``x``, or None if not finite.
+
+    ``scale = max|row| / 127`` rounded to the nearest float32, moved one ulp where that rounding
+    would break ``|x| <= 127.5 * scale`` (subnormal scales) or make ``127 * scale`` overflow.
+    """
+    rows = x.shape[0]
+    x2d = x.reshape(rows, x.numel() // rows if rows else 0)
+    top = x2d.abs().amax(dim=1) if x2d.numel() else torch.zeros(rows, dtype=x.dtype)
+    top = top.to(torch.float64)  # NaN stays NaN
+    scale = (top / 127).to(torch.float32)
+    if not bool(torch.isfinite(scale).all()):
+        return None  # NaN or inf in x, or a float64 row too large for a float32 scale
+    up = top > 127.5 * scale.double()
+    down = torch.isinf(scale * 127)
+    scale = torch.where(up, torch.nextafter(scale, torch.tensor(math.inf)), scale)
+    scale = torch.where(down, torch.nextafter(scale, torch.tensor(0.0)), scale)
+    work = torch.promote_types(x.dtype, torch.float32)
+    divisor = torch.where(scale > 0, scale, 1.0).to(work)[:, None]  # all-zero rows give code 0
+    codes = (x2d.to(work) / divisor).round_().clamp_(-127, 127).to(torch.int8)
+    return codes.reshape(-1), scale
+
+
+def _dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * scales`` (broadcast), computed in float32 or wider, rounded once to ``dtype``."""
+    work = torch.promote_types(dtype, torch.float32)
+    return (codes.to(work) * scales.to(work)).to(dtype)
+
+
+def _scales(
+    encoding: str, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str
+) -> torch.Tensor | None:
+    """The validated ``scales`` part: present exactly when the values are int8 codes."""
+    stored = parts.get({"dense": "dense", "raw": "raw"}.get(encoding, "values"))
+    int8 = stored is not None and stored.dtype == torch.int8 and encoding != "raw"
+    if "scales" not in parts:
+        if int8:
+            raise CheckpointError(f"{name}: int8 values need a scales part (one per row)")
+        return None
+    if not int8:
+        found = "none" if stored is None else _dtype_name(stored.dtype)
+        raise CheckpointError(f"{name}: a scales part needs int8 {encoding} values, got {found}")
+    if len(shape) < 2:
+        raise CheckpointError(f"{name}: int8 values need 2 or more dims, got shape {shape}")
+    scales = parts["scales"]
+    if scales.dtype != torch.float32 or scales.dim() != 1 or scales.numel() != shape[0]:
+        found = f"a {tuple(scales.shape)} {_dtype_name(scales.dtype)} tensor"
+        raise CheckpointError(
+            f"{name}: scales part is {found}, expected {shape[0]} float32 values (one per row)"
+        )
+    if not bool((torch.isfinite(scales) & (scales >= 0)).all()):
+        raise CheckpointError(f"{name}: scales must be finite and >= 0")
+    return scales
 
 
 @dataclass(frozen=True)
 class PackedTensorInfo:
-    """How one tensor was stored: ``stored_bytes`` counts payload bytes, not header bytes."""
+    """How one tensor was stored.
+
+    ``stored_bytes`` counts payload bytes (scales included), not header bytes; ``values_dtype`` is
+    the dtype its values were stored in (``None`` for ``raw`` tensors).
+    """
 
     name: str
     encoding: str
@@ -177,6 +266,7 @@ class PackedTensorInfo:
     dtype: str
     nonzero: int | None
     stored_bytes: int
+    values_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +275,8 @@ class PackedReport:
 
     ``dense_fp32_bytes`` is the size of a safetensors file holding the same state dict with every
     floating tensor in float32 (measured by serialising it); ``ratio`` is
-    ``bytes_on_disk / dense_fp32_bytes``.
+    ``bytes_on_disk / dense_fp32_bytes``; ``values_dtype`` is the one asked for (each tensor's
+    :class:`PackedTensorInfo` says what it got: under ``"int8"``, 1-D tensors get float16).
     """
 
     path: Path
@@ -209,11 +300,14 @@ class PackedReport:
             f"packed checkpoint {self.path}: {self.bytes_on_disk:,} bytes = {self.ratio:.3f}x "
             f"of dense fp32 ({self.dense_fp32_bytes:,} bytes), values {self.values_dtype}"
         )
-        rows = [("tensor", "shape", "dtype", "encoding", "nonzero", "stored bytes")]
+        rows = [("tensor", "shape", "dtype", "encoding", "values", "nonzero", "stored bytes")]
         for t in self.tensors:
             nonzero = "-" if t.nonzero is None else f"{t.nonzero:,}"
             shape = "x".join(map(str, t.shape)) or "scalar"
-            rows.append((t.name, shape, t.dtype, t.encoding, nonzero, f"{t.stored_bytes:,}"))
+            values = t.values_dtype or "-"
+            rows.append(
+                (t.name, shape, t.dtype, t.encoding, values, nonzero, f"{t.stored_bytes:,}")
+            )
         widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
         lines = ["  ".join(map(str.ljust, row, widths)).rstrip() for row in rows]
         return "\n".join([head, *lines])
@@ -248,7 +342,7 @@ def save_packed(
             raise ConfigError(f"state_dict[{name!r}] must be a tensor, got {type(tensor).__name__}")
         encoding, parts = encode_tensor(tensor, values_dtype=values_dtype)
         refs = []
-        for suffix in _PARTS[encoding]:
+        for suffix in _part_names(encoding, "scales" in parts):
             part = parts[suffix].reshape(-1)
             blob = _blob_name(suffix, part.dtype)
             if blob not in chunks:
@@ -259,8 +353,10 @@ def save_packed(
         dtype = _dtype_name(tensor.dtype)
         entries[name] = [encoding, list(tensor.shape), dtype, refs]
         nonzero = int(torch.count_nonzero(tensor)) if encoding != "raw" else None
-        size = sum(p.numel() * p.element_size() for p in parts.values())
-        infos.append(PackedTensorInfo(name, encoding, tuple(tensor.shape), dtype, nonzero, size))
+        size = _cost(parts)
+        stored_as = None if encoding == "raw" else _dtype_name(parts[_PARTS[encoding][-1]].dtype)
+        info = (name, encoding, tuple(tensor.shape), dtype, nonzero, size, stored_as)
+        infos.append(PackedTensorInfo(*info))
     blobs = {blob: torch.cat(parts) for blob, parts in chunks.items()}
     record = {"format": FORMAT, "version": VERSION, "values_dtype": values_dtype}
     record |= {"blobs": list(blobs), "tensors": entries}
@@ -295,14 +391,16 @@ def load_packed(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if extra := [key for key in stored if key not in names]:
         raise CheckpointError(f"{path}: stored tensors not described by metadata: {_names(extra)}")
     for blob in names:
-        _check_blob(blob, stored[blob], path)
+        _check_blob(blob, stored[blob], path, record["version"])
     state_dict: dict[str, torch.Tensor] = {}
     for name, entry in record["tensors"].items():
         what = f"{path}: tensor {name!r}"
-        encoding, shape, dtype, refs = _parse_entry(entry, len(names), what)
+        encoding, shape, dtype, refs = _parse_entry(entry, len(names), what, record["version"])
         parts = {
             suffix: _part(suffix, names[ref[0]], stored[names[ref[0]]], ref, shape, dtype, what)
-            for suffix, ref in zip(_PARTS[encoding], refs, strict=True)
+            for suffix, ref in zip(
+                _part_names(encoding, len(refs) > len(_PARTS[encoding])), refs, strict=True
+            )
         }
         state_dict[name] = decode_tensor(encoding, parts, shape=shape, dtype=dtype, name=what)
     return state_dict, user
@@ -337,10 +435,16 @@ def load_packed_into(module: nn.Module, path: PathLike, *, strict: bool = True) 
     return user
 
 
+def _part_names(encoding: str, scaled: bool) -> tuple[str, ...]:
+    """The parts of an ``encoding``, in record order; ``scaled``: values are int8 codes."""
+    return (*_PARTS[encoding], "scales") if scaled else _PARTS[encoding]
+
+
 def _blob_name(suffix: str, dtype: torch.dtype) -> str:
     if suffix in ("mask", "index"):
         return "bits"
-    return f"{'raw' if suffix == 'raw' else 'values'}.{_dtype_name(dtype)}"
+    role = suffix if suffix in ("raw", "scales") else "values"
+    return f"{role}.{_dtype_name(dtype)}"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -385,10 +489,11 @@ def _read_record(header: dict[str, str], path: PathLike) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise CheckpointError(f"{path}: {METADATA_KEY!r} record must be a JSON object")
     found = (record.get("format"), record.get("version"))
-    if found != (FORMAT, VERSION):
+    if (found[0], type(found[1])) != (FORMAT, int) or found[1] not in READABLE_VERSIONS:
+        versions = " or ".join(map(str, READABLE_VERSIONS))
         raise CheckpointError(
             f"{path}: format {found[0]!r} version {found[1]!r} is not supported "
-            f"(expected {FORMAT!r} version {VERSION})"
+            f"(expected {FORMAT!r} version {versions})"
         )
     if plain:
         raise CheckpointError(f"{path}: {METADATA_KEY!r} record must be zlib-compressed base64")
@@ -413,12 +518,17 @@ def _read_user_metadata(header: dict[str, str], path: PathLike) -> dict[str, str
     return user
 
 
-def _check_blob(name: str, blob: torch.Tensor, path: PathLike) -> None:
+def _check_blob(name: str, blob: torch.Tensor, path: PathLike, version: int) -> None:
     role, _, dtype_name = name.partition(".")
     dtype = _torch_dtype(dtype_name)
+    int8 = version >= 3  # int8 values and their scales came with version 3
     if name == "bits":
         dtype = torch.uint8
-    elif not (role == "raw" or (role == "values" and dtype in _PACKABLE)):
+    elif not (
+        role == "raw"
+        or (role == "values" and (dtype in _PACKABLE or (int8 and dtype == torch.int8)))
+        or (int8 and name == "scales.float32")
+    ):
         dtype = None
     if dtype is None:
         raise CheckpointError(f"{path}: unknown blob name {name!r}")
@@ -430,9 +540,12 @@ def _check_blob(name: str, blob: torch.Tensor, path: PathLike) -> None:
 
 
 def _parse_entry(
-    entry: Any, blob_count: int, what: str
+    entry: Any, blob_count: int, what: str, version: int
 ) -> tuple[str, tuple[int, ...], torch.dtype, list[tuple[int, int, int]]]:
-    """Validate one tensor's ``[encoding, shape, dtype, refs]`` record entry."""
+    """Validate one tensor's ``[encoding, shape, dtype, refs]`` record entry.
+
+    ``refs`` has one ref per part of ``encoding``, plus a last one for ``scales`` (version 3).
+    """
 
     def count(x: Any) -> bool:
         return isinstance(x, int) and not isinstance(x, bool) and x >= 0
@@ -443,7 +556,8 @@ def _parse_entry(
     ok = ok and encoding in _PARTS and dtype is not None
     ok = ok and (encoding == "raw" or dtype in _PACKABLE)
     ok = ok and isinstance(shape, list) and all(map(count, shape))
-    ok = ok and isinstance(refs, list) and len(refs) == len(_PARTS[encoding])
+    extra = (0, 1) if version >= 3 and encoding != "raw" else (0,)  # 1: a scales part
+    ok = ok and isinstance(refs, list) and len(refs) - len(_PARTS[encoding]) in extra
     ok = ok and all(
         isinstance(ref, list) and len(ref) == 3 and all(map(count, ref)) and ref[0] < blob_count
         for ref in refs
@@ -466,8 +580,8 @@ def _part(
     _, offset, length = ref
     if suffix in ("dense", "values"):
         wanted, ok = "a values.<dtype> blob", blob.startswith("values.")
-    else:
-        wanted = _blob_name(suffix, dtype)  # bits, or raw.<the tensor's dtype>
+    else:  # bits, scales.float32, or raw.<the tensor's dtype>
+        wanted = _blob_name(suffix, torch.float32 if suffix == "scales" else dtype)
         ok = blob == wanted
     if not ok:
         raise CheckpointError(f"{what}: {suffix} part is in blob {blob!r}, not {wanted}")
@@ -478,7 +592,7 @@ def _part(
         )
     part = data[offset : offset + length]
     if suffix not in ("dense", "raw"):
-        return part
+        return part  # decode_tensor checks the lengths of values and scales
     if length != math.prod(shape):
         needs = f"shape {shape} needs {math.prod(shape)}"
         raise CheckpointError(f"{what}: {suffix} part has {length} elements, {needs}")
@@ -487,7 +601,8 @@ def _part(
 
 def _values_dtype(values_dtype: str) -> torch.dtype:
     if values_dtype not in _VALUES_DTYPES:
-        raise ConfigError(f"values_dtype must be 'float32' or 'float16', got {values_dtype!r}")
+        choices = ", ".join(map(repr, _VALUES_DTYPES))
+        raise ConfigError(f"values_dtype must be one of {choices}, got {values_dtype!r}")
     return _VALUES_DTYPES[values_dtype]
 
 
