@@ -5,6 +5,12 @@ See :mod:`slimkit.distill.technique` for how a training loop wires it (bind the 
 """
 
 from slimkit.distill.adapters import FeatureAdapter, make_adapter
+from slimkit.distill.config import (
+    DistillationConfig,
+    FeaturePairConfig,
+    FSPPairConfig,
+    SoftLabelConfig,
+)
 from slimkit.distill.losses import (
     attention_map,
     attention_transfer,
@@ -16,15 +22,7 @@ from slimkit.distill.losses import (
     soft_kl,
 )
 from slimkit.distill.teacher import freeze, frozen_copy, load_teacher
-from slimkit.distill.technique import (
-    Distillation,
-    DistillationConfig,
-    FeaturePairConfig,
-    Forward,
-    FSPPairConfig,
-    SoftLabelConfig,
-    default_forward,
-)
+from slimkit.distill.technique import Distillation, Forward, default_forward
 
 __all__ = [
     "Distillation",

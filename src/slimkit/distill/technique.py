@@ -43,18 +43,23 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from slimkit.core.config import Config
 from slimkit.core.scope import Selection, closest_names
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
 from slimkit.distill.adapters import FeatureAdapter, make_adapter
+from slimkit.distill.config import (
+    DistillationConfig,
+    FeaturePairConfig,
+    FSPPairConfig,
+    LossTerm,
+    SoftLabelConfig,
+    loss_terms,
+)
 from slimkit.distill.losses import (
     attention_transfer,
     cosine_embedding_loss,
@@ -66,117 +71,18 @@ from slimkit.distill.losses import (
 from slimkit.distill.teacher import freeze
 from slimkit.errors import ConfigError, ScopeError, StateError, UnsupportedModuleError
 
+__all__ = [
+    "Distillation",
+    "DistillationConfig",
+    "FSPPairConfig",
+    "FeaturePairConfig",
+    "Forward",
+    "SoftLabelConfig",
+    "default_forward",
+]
+
 Forward = Callable[[nn.Module, Any], Any]
 """``forward(model, batch) -> outputs``: how the task runs a model on one batch."""
-
-ModuleName = Annotated[str, Field(min_length=1)]
-Weight = Annotated[float, Field(ge=0.0)]
-
-
-class SoftLabelConfig(Config):
-    """Soft labels on the logits: ``kl`` is ``T^2 * KL(p_T || p_S)`` (Hinton et al. 2015),
-    ``cross_entropy`` is PaddleSlim's soft-label cross-entropy (no ``T^2``)."""
-
-    loss: Literal["kl", "cross_entropy"] = "kl"
-    temperature: float = Field(4.0, gt=0.0)
-    weight: Weight = 1.0
-
-
-class FeaturePairConfig(Config):
-    """One student module's output compared with one teacher module's output.
-
-    ``hint``: MSE after an adapter (FitNets); ``attention``: attention transfer (4-D maps, any
-    channel counts); ``cosine``: ``1 - cos`` after an adapter (embeddings).
-    """
-
-    student: ModuleName
-    teacher: ModuleName
-    loss: Literal["hint", "attention", "cosine"] = "hint"
-    weight: Weight = 1.0
-
-
-class FSPPairConfig(Config):
-    """An FSP term (Yim et al. 2017): the FSP matrix of two student modules' outputs against that
-    of two teacher modules' outputs. Each pair must have one spatial size; student channels are
-    mapped to the teacher's by 1x1-conv adapters when they differ."""
-
-    student: tuple[ModuleName, ModuleName]
-    teacher: tuple[ModuleName, ModuleName]
-    weight: Weight = 1.0
-
-
-class DistillationConfig(Config):
-    """Distil a frozen teacher into the student (see the module docstring).
-
-    ``teacher`` says where the runner gets the teacher: ``baseline`` (the trained baseline),
-    ``previous_stage`` (the model entering this stage, before its techniques: self-distillation),
-    or a checkpoint path of the same architecture (loaded with ``weights_only=True``). The
-    technique itself only ever sees the model passed to :meth:`Distillation.bind`.
-    ``task_weight`` is the weight of the task loss, applied by the training loop.
-    """
-
-    kind: Literal["distill"] = "distill"
-    teacher: Literal["baseline", "previous_stage"] | str = "baseline"
-    soft_label: SoftLabelConfig | None = SoftLabelConfig()
-    pairs: list[FeaturePairConfig] = Field(default_factory=list)
-    fsp: list[FSPPairConfig] = Field(default_factory=list)
-    task_weight: Weight = 1.0
-
-    @model_validator(mode="after")
-    def _check(self) -> DistillationConfig:
-        if not self.teacher.strip():
-            raise ValueError("teacher must be 'baseline', 'previous_stage' or a checkpoint path")
-        if self.soft_label is None and not self.pairs and not self.fsp:
-            raise ValueError("nothing to distill: give soft_label, pairs or fsp")
-        keys = [term.key for term in _terms(self)]
-        repeated = sorted({k for k in keys if keys.count(k) > 1})
-        if repeated:
-            raise ValueError(f"terms given twice: {', '.join(repeated)}")
-        return self
-
-
-@dataclass(frozen=True)
-class _Term:
-    """One weighted loss term; ``adapters`` holds one adapter key per student module ("" for
-    none)."""
-
-    key: str
-    loss: str
-    weight: float
-    student: tuple[str, ...]
-    teacher: tuple[str, ...]
-    adapters: tuple[str, ...]
-
-
-def _terms(config: DistillationConfig) -> list[_Term]:
-    terms = []
-    if config.soft_label is not None:
-        soft = config.soft_label
-        terms.append(_Term(f"soft_label/{soft.loss}", soft.loss, soft.weight, (), (), ()))
-    for i, pair in enumerate(config.pairs):
-        adapter = "" if pair.loss == "attention" else f"pair{i}"
-        terms.append(
-            _Term(
-                f"{pair.loss}/{pair.student}:{pair.teacher}",
-                pair.loss,
-                pair.weight,
-                (pair.student,),
-                (pair.teacher,),
-                (adapter,),
-            )
-        )
-    for i, fsp in enumerate(config.fsp):
-        terms.append(
-            _Term(
-                f"fsp/{','.join(fsp.student)}:{','.join(fsp.teacher)}",
-                "fsp",
-                fsp.weight,
-                tuple(fsp.student),
-                tuple(fsp.teacher),
-                (f"fsp{i}_0", f"fsp{i}_1"),
-            )
-        )
-    return terms
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -272,7 +178,7 @@ class Distillation(Technique):
     ) -> None:
         super().__init__(config)
         self.example_inputs = example_inputs
-        self.terms = _terms(config)
+        self.terms = loss_terms(config)
         self.teacher: nn.Module | None = None
         self.forward: Forward = default_forward
         self.adapters = nn.ModuleDict()
@@ -501,7 +407,7 @@ class Distillation(Technique):
         self._last = last
         return total
 
-    def _term(self, term: _Term, s_out: Any, t_out: Any) -> torch.Tensor:
+    def _term(self, term: LossTerm, s_out: Any, t_out: Any) -> torch.Tensor:
         if term.loss in ("kl", "cross_entropy"):
             soft = self.config.soft_label
             student = _logits(s_out, "student")
