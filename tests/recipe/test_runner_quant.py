@@ -103,7 +103,8 @@ def test_latency_and_table_rows_for_both_batches(pruned_int8) -> None:
         assert all(v > 0 for v in latency["median_ms"][name].values())
     table = str(result)
     assert "ORT ms batch 16 (1 thr)" in table and "test accuracy (ORT)" in table
-    assert "ONNX bytes (static_quant)" in table
+    [form_row] = [line for line in table.splitlines() if "ONNX form" in line]
+    assert form_row.count("fp32") == 2 and "static_quant" in form_row
 
 
 def test_qat_initialises_before_training_then_exports_int8(tmp_path: Path) -> None:
@@ -181,3 +182,22 @@ def test_fp32_rule_matching_nothing_is_one_line_on_the_cli(tmp_path: Path, capsy
     assert err.startswith("slimkit: error:") and "layer9.*" in err and "matches no module" in err
     with pytest.raises(ScopeError):
         run(Recipe.from_dict({**BASE, "baseline": {"epochs": 0}, "stages": [bad]}), tmp_path / "r")
+
+
+def test_every_stage_is_exported_and_timed_against_the_one_before(pruned_int8) -> None:
+    result, metrics = pruned_int8
+    base, prune, int8 = metrics["baseline"], *metrics["stages"]
+    assert [r["onnx"]["form"] for r in (base, prune, int8)] == ["fp32", "fp32", "static_quant"]
+    assert [r["onnx"]["path"] for r in (base, prune, int8)] == [
+        "onnx/baseline.onnx",
+        "onnx/prune.onnx",
+        "onnx/int8.onnx",
+    ]
+    assert "latency_ratio" not in base["onnx"]
+    for stage in (prune, int8):
+        assert set(stage["onnx"]["latency_ratio"]) == {"1", "16"}
+        assert stage["gate"]["passed"] in (True, False)
+    # unstructured sparsity does not change the dense fp32 file; int8 does
+    assert prune["onnx"]["bytes"] == pytest.approx(base["onnx"]["bytes"], rel=0.01)
+    assert int8["onnx"]["bytes"] < 0.4 * prune["onnx"]["bytes"]
+    assert int8["onnx"]["integer_ops"]["QLinearConv"] >= 9

@@ -1,17 +1,23 @@
-"""Run a recipe: baseline, stages of techniques with fine-tuning, export, measurements.
+"""Run a recipe: baseline, stages of techniques with fine-tuning, a measured gate, export.
+
+After the baseline and after every stage the model is measured: task metric (validation and
+test), parameters, MACs, and (with ``export.onnx``) its ONNX file in ``onnx/NAME.onnx`` with the
+metric as ONNX Runtime computes it and ORT latency interleaved with the previous stage's model.
+The gate (:mod:`slimkit.recipe.gate`) then flags the stage or stops the run.
 
 The run folder gets (each written atomically): ``metrics.json``, ``recipe.yaml`` (the validated
-recipe), ``tensorboard/`` event files, ``baseline.onnx`` and ``model.onnx`` (fp32, plain model),
-``model.packed.safetensors`` (sparse packed checkpoint) and ``model.safetensors`` (dense fp32).
+recipe), ``tensorboard/`` event files, ``onnx/`` (one model per stage), ``baseline.onnx`` and
+``model.onnx`` (the kept model, int8 when quantized), ``model.packed.safetensors`` (sparse packed
+checkpoint) and ``model.safetensors`` (dense state dict).
 """
 
 from __future__ import annotations
 
-import io
+import copy
 import itertools
+import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,137 +37,12 @@ from slimkit.measure.flops import count_macs
 from slimkit.measure.latency import compare_latency
 from slimkit.measure.ort_module import OrtModule
 from slimkit.measure.size import count_nonzero_parameters, count_parameters, dense_checkpoint_bytes
+from slimkit.recipe.gate import gate_violations
+from slimkit.recipe.results import RunResult, StageResult
 from slimkit.recipe.schema import Recipe, TrainBudget, dump_recipe
-from slimkit.report.table import make_table, print_summary
+from slimkit.report.table import print_summary
 from slimkit.report.tensorboard import CompressionSummaries
 from slimkit.tasks.base import Task, load_task
-
-
-@dataclass
-class StageResult:
-    """Measurements after one stage (or the baseline)."""
-
-    name: str
-    val_metric: float
-    test_metric: float
-    params: int
-    nonzero_params: int
-    sparsity: float
-    macs: int  # multiply-accumulates per sample (slimkit.measure.flops.count_macs)
-    steps: int
-    wall_s: float
-    techniques: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class RunResult:
-    """A whole run; ``to_dict`` is what ``metrics.json`` holds."""
-
-    recipe: str
-    task: str
-    metric_name: str
-    run_dir: str
-    baseline: StageResult
-    stages: list[StageResult]
-    artifacts: dict[str, Any]
-    wall_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def final(self) -> StageResult:
-        return self.stages[-1]
-
-    def columns(self) -> list[str]:
-        return ["metric", "baseline", *(s.name for s in self.stages), "change"]
-
-    def rows(self) -> list[list[Any]]:
-        """One row per measure: baseline, each stage, and the change (ratio for sizes/times).
-
-        Measures of the exported files exist only for the final model; earlier stages show "".
-        """
-        m = self.metric_name
-        results = [self.baseline, *self.stages]
-        gap = [""] * (len(self.stages) - 1)
-
-        def per_stage(label: str, values: list[Any], change: Any) -> list[Any]:
-            return [label, *values, change]
-
-        def final_only(label: str, before: Any, after: Any, change: Any) -> list[Any]:
-            return [label, before, *gap, after, change]
-
-        base, final = self.baseline, self.final
-        rows = [
-            per_stage(
-                f"test {m}", [r.test_metric for r in results], final.test_metric - base.test_metric
-            ),
-            per_stage(
-                "sparsity (all params)",
-                [r.sparsity for r in results],
-                final.sparsity - base.sparsity,
-            ),
-            per_stage(
-                "nonzero params",
-                [r.nonzero_params for r in results],
-                final.nonzero_params - base.nonzero_params,
-            ),
-            per_stage("params", [r.params for r in results], final.params - base.params),
-            per_stage(
-                "MACs per sample",
-                [r.macs for r in results],
-                f"x{final.macs / max(1, base.macs):.3f}",
-            ),
-        ]
-        packed = self.artifacts.get("packed")
-        if packed:
-            rows.append(
-                final_only(
-                    f"checkpoint bytes (packed {packed['values_dtype']})",
-                    packed["dense_fp32_bytes"],
-                    packed["bytes"],
-                    f"x{packed['ratio']:.3f}",
-                )
-            )
-        onnx = self.artifacts.get("onnx") or {}
-        metric = onnx.get(f"test_{m}")
-        if metric is not None:
-            rows.append(
-                final_only(f"test {m} (ORT)", base.test_metric, metric, metric - base.test_metric)
-            )
-        if onnx:
-            rows.append(
-                final_only(
-                    f"ONNX bytes ({onnx['form']})",
-                    onnx["baseline_bytes"],
-                    onnx["model_bytes"],
-                    f"x{onnx['size_ratio']:.3f}",
-                )
-            )
-        latency = onnx.get("latency")
-        for b in latency["batch_sizes"] if latency else ():
-            ms = latency["median_ms"]
-            rows.append(
-                final_only(
-                    f"ORT ms batch {b} ({latency['threads']} thr)",
-                    round(ms["baseline"][b], 4),
-                    round(ms["model"][b], 4),
-                    f"x{latency['ratio'][b]:.3f}",
-                )
-            )
-        rows.append(per_stage("wall time s", [r.wall_s for r in results], ""))
-        return rows
-
-    def __str__(self) -> str:
-        console = Console(width=100, record=True, file=io.StringIO())
-        console.print(
-            make_table(
-                f"{self.recipe}: before / after each stage",
-                self.columns(),
-                self.rows(),
-            )
-        )
-        return console.export_text()
 
 
 def resolve_run_dir(name: str, run_dir: str | Path | None, *, root: str | Path = "runs") -> Path:
@@ -396,7 +277,77 @@ class Runner:
                 print_summary(summary, self.console)
         return model, result
 
-    def export(self, baseline: nn.Module, model: nn.Module) -> dict[str, Any]:
+    # --- ONNX: per stage, and the kept model ----------------------------------------------
+    def stage_onnx(self, model: nn.Module, result: StageResult, previous: StageResult | None):
+        """Export ``onnx/NAME.onnx`` in the form the techniques so far give it and measure it."""
+        cfg = self.recipe.export
+        example = self.task.example_inputs
+        path = self.run_dir / "onnx" / f"{result.name}.onnx"
+        path.parent.mkdir(exist_ok=True)
+        form = "fp32"
+        for technique in reversed(self.techniques):
+            if technique.export_onnx(model, example, path) is not None:
+                form = technique.kind
+                break
+        else:
+            export_onnx(model, example, path)
+        info: dict[str, Any] = {
+            "path": str(path.relative_to(self.run_dir)),
+            "form": form,
+            "bytes": path.stat().st_size,
+            "integer_ops": {
+                op: n for op, n in sorted(optimized_op_counts(path).items()) if op in INT_OPS
+            },
+        }
+        if cfg.onnx_metric:
+            info["test_metric"] = self.task.metric(OrtModule(path), self.task.test_loader)
+        if cfg.latency:
+            batches = self.latency_batches()
+            paths = {"current": path}
+            if previous is not None and previous.onnx is not None:
+                paths = {"previous": self.run_dir / previous.onnx["path"], "current": path}
+            timing = compare_latency(
+                paths, batch_sizes=batches, threads=cfg.latency_threads, rounds=3, repeats=30
+            )["results"]
+            info["threads"] = cfg.latency_threads
+            info["latency_ms"] = {b: timing["current"][b]["median_ms"] for b in batches}
+            if "previous" in paths:
+                info["latency_ratio"] = {
+                    b: timing["current"][b]["median_ms"] / timing["previous"][b]["median_ms"]
+                    for b in batches
+                }
+        result.onnx = info
+
+    def latency_batches(self) -> list[int]:
+        return sorted({1, self.recipe.export.latency_batch})
+
+    def check_gate(self, result: StageResult, index: int, baseline: StageResult) -> bool:
+        """Fill ``result.gate``; print and log each violation; True when the stage passed."""
+        stage, gate = self.recipe.stages[index], self.recipe.gate
+        bound = stage.max_metric_drop if stage.max_metric_drop is not None else gate.max_metric_drop
+        batch = self.recipe.export.latency_batch
+        ratio = ((result.onnx or {}).get("latency_ratio") or {}).get(batch)
+        violations = gate_violations(
+            metric_name=self.task.metric_name,
+            baseline_metric=baseline.val_metric,
+            metric=result.val_metric,
+            max_metric_drop=bound,
+            latency_ratio=ratio,
+            max_latency_ratio=gate.max_latency_ratio,
+            latency_batch=batch,
+        )
+        result.gate = {"passed": not violations, "violations": violations}
+        for violation in violations:
+            self.console.print(f"[bold red]gate[/]: stage {result.name}: {violation}")
+        return not violations
+
+    def export(
+        self,
+        baseline: nn.Module,
+        model: nn.Module,
+        base: StageResult,
+        kept: StageResult,
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         cfg = self.recipe.export
         dense = self.run_dir / "model.safetensors"
@@ -411,47 +362,39 @@ class Runner:
                 values_dtype=cfg.values_dtype,
                 metadata={"recipe": self.recipe.name, "task": self.task.name},
             )
+            reference = dense_checkpoint_bytes(baseline)
             out["packed"] = {
                 "path": "model.packed.safetensors",
                 "bytes": report.bytes_on_disk,
-                "dense_fp32_bytes": dense_checkpoint_bytes(model),
-                "ratio": report.bytes_on_disk / dense_checkpoint_bytes(model),
+                "dense_fp32_bytes": reference,
+                "ratio": report.bytes_on_disk / reference,
                 "values_dtype": cfg.values_dtype,
             }
-        if cfg.onnx:
-            out["onnx"] = self.export_onnx(baseline, model)
+        if cfg.onnx and base.onnx is not None and kept.onnx is not None:
+            out["onnx"] = self.export_onnx(base, kept)
         return out
 
-    def export_onnx(self, baseline: nn.Module, model: nn.Module) -> dict[str, Any]:
-        """``baseline.onnx`` and ``model.onnx`` (the last technique with an ONNX form decides it),
-        their sizes, ORT latency (interleaved) and the task metric of ``model.onnx`` in ORT."""
+    def export_onnx(self, base: StageResult, kept: StageResult) -> dict[str, Any]:
+        """``baseline.onnx`` and ``model.onnx`` (copies of the baseline's and the kept stage's)
+        and their latency measured interleaved, the final before/after comparison."""
         cfg = self.recipe.export
-        example = self.task.example_inputs
         paths = {"baseline": self.run_dir / "baseline.onnx", "model": self.run_dir / "model.onnx"}
-        export_onnx(baseline, example, paths["baseline"])
-        form = "fp32"
-        for technique in reversed(self.techniques):
-            if technique.export_onnx(model, example, paths["model"]) is not None:
-                form = technique.kind
-                break
-        else:
-            export_onnx(model, example, paths["model"])
+        for name, result in (("baseline", base), ("model", kept)):
+            with atomic_path(paths[name]) as tmp:
+                shutil.copyfile(self.run_dir / result.onnx["path"], tmp)
         out: dict[str, Any] = {
             "baseline": paths["baseline"].name,
             "model": paths["model"].name,
-            "form": form,
-            "baseline_bytes": paths["baseline"].stat().st_size,
-            "model_bytes": paths["model"].stat().st_size,
+            "form": kept.onnx["form"],
+            "baseline_bytes": base.onnx["bytes"],
+            "model_bytes": kept.onnx["bytes"],
+            "size_ratio": kept.onnx["bytes"] / base.onnx["bytes"],
+            "integer_ops": kept.onnx["integer_ops"],
         }
-        out["size_ratio"] = out["model_bytes"] / out["baseline_bytes"]
-        out["integer_ops"] = {
-            op: n for op, n in sorted(optimized_op_counts(paths["model"]).items()) if op in INT_OPS
-        }
-        if cfg.onnx_metric:
-            name = self.task.metric_name
-            out[f"test_{name}"] = self.task.metric(OrtModule(paths["model"]), self.task.test_loader)
+        if "test_metric" in kept.onnx:
+            out[f"test_{self.task.metric_name}"] = kept.onnx["test_metric"]
         if cfg.latency:
-            batches = sorted({1, cfg.latency_batch})
+            batches = self.latency_batches()
             timing = compare_latency(
                 paths, batch_sizes=batches, threads=cfg.latency_threads, rounds=3, repeats=30
             )
@@ -468,24 +411,32 @@ class Runner:
     def run(self) -> RunResult:
         start = time.perf_counter()
         atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+        measure_onnx = self.recipe.export.onnx
+        stopped: str | None = None
         with CompressionSummaries(self.run_dir / "tensorboard") as summaries:
             self.summaries = summaries
             model, base = self.baseline()
-            baseline_model = self.task.make_model()
-            baseline_model.load_state_dict(model.state_dict())
-            results = []
+            baseline_model = copy.deepcopy(model)
+            if measure_onnx:
+                self.stage_onnx(model, base, None)
+            kept_model, kept = baseline_model, base
+            results: list[StageResult] = []
             for index in range(len(self.recipe.stages)):
                 model, result = self.run_stage(model, index)
                 results.append(result)
-                summaries.log_scalars(
-                    {
-                        f"{self.task.metric_name}/val": result.val_metric,
-                        f"{self.task.metric_name}/test": result.test_metric,
-                    },
-                    self.global_step,
-                )
+                if measure_onnx:
+                    self.stage_onnx(model, result, results[-2] if len(results) > 1 else base)
+                passed = self.check_gate(result, index, base)
+                self.log_stage(result)
+                if passed or self.recipe.gate.on_violation == "warn":
+                    kept_model, kept = model, result
+                else:
+                    reasons = "; ".join(result.gate["violations"])
+                    stopped = f"stage {result.name} failed the gate ({reasons}); kept {kept.name}"
+                    self.console.print(f"[bold red]stopped[/]: {stopped}")
+                    break
             self.summaries = None
-        artifacts = self.export(baseline_model, model)
+        artifacts = self.export(baseline_model, kept_model, base, kept)
         run = RunResult(
             recipe=self.recipe.name,
             task=self.task.name,
@@ -495,10 +446,21 @@ class Runner:
             stages=results,
             artifacts=artifacts,
             wall_s=round(time.perf_counter() - start, 3),
+            kept=kept.name,
+            stopped=stopped,
         )
         atomic_write_json(self.run_dir / "metrics.json", run.to_dict())
-        self.model = model
+        self.model = kept_model
         return run
+
+    def log_stage(self, result: StageResult) -> None:
+        if self.summaries is None:
+            return
+        m = self.task.metric_name
+        scalars = {f"{m}/val": result.val_metric, f"{m}/test": result.test_metric}
+        for b, ms in ((result.onnx or {}).get("latency_ms") or {}).items():
+            scalars[f"ort_latency_ms/batch{b}"] = ms
+        self.summaries.log_scalars(scalars, self.global_step)
 
 
 def run_recipe(

@@ -65,12 +65,34 @@ class StageConfig(Config):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     train: TrainBudget = TrainBudget()
     techniques: list[TechniqueConfig] = Field(default_factory=list)
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="this stage's bound for the gate (default: the recipe gate's)"
+    )
     calibration_batches: int = Field(
         16,
         ge=1,
         description="training batches given to techniques that need data: static_quant "
         "calibrates on them after training, qat initialises its ranges on them before",
     )
+
+
+class GateConfig(Config):
+    """The measured gate after every stage (needs ``export.onnx`` for the latency bound).
+
+    A stage fails when its validation metric falls more than ``max_metric_drop`` (absolute)
+    below the baseline's, or when its ONNX Runtime latency at ``export.latency_batch``, measured
+    interleaved with the previous stage's model, exceeds ``max_latency_ratio`` times the
+    previous stage's. ``on_violation: warn`` flags it in the table and metrics.json and goes on;
+    ``stop`` ends the run and exports the last stage that passed (or the baseline).
+    """
+
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="largest allowed validation-metric drop below the baseline"
+    )
+    max_latency_ratio: float | None = Field(
+        1.05, gt=0, description="largest allowed latency vs the previous stage (5% timing noise)"
+    )
+    on_violation: Literal["warn", "stop"] = "warn"
 
 
 class ExportConfig(Config):
@@ -84,7 +106,11 @@ class ExportConfig(Config):
     """
 
     packed: bool = True
-    values_dtype: Literal["float16", "float32"] = "float16"
+    values_dtype: Literal["float16", "float32", "int8"] = Field(
+        "float16",
+        description="packed values: int8 = per-output-channel int8 codes for weights (biases "
+        "and norms stay float16); lossless for weights already on an int8 grid (static_quant)",
+    )
     onnx: bool = True
     latency: bool = True
     latency_batch: int = Field(64, ge=1)
@@ -102,11 +128,14 @@ class Recipe(Config):
     batch_size: int = Field(64, ge=1)
     baseline: BaselineConfig = BaselineConfig()
     stages: list[StageConfig] = Field(..., min_length=1)
+    gate: GateConfig = GateConfig()
     export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> Recipe:
         names = [s.name for s in self.stages]
+        if "baseline" in names:
+            raise ValueError("'baseline' is reserved for the starting model; rename that stage")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
