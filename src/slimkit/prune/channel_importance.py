@@ -323,17 +323,32 @@ def heads_to_remove(heads: int, sparsity: float) -> int:
 
 
 def global_prune_counts(
-    scores: list[torch.Tensor], sparsity: float, max_layer_sparsity: float, round_to: int = 1
+    scores: list[torch.Tensor],
+    sparsity: float,
+    max_layer_sparsity: float,
+    round_to: int = 1,
+    *,
+    original: list[int] | None = None,
 ) -> list[int]:
-    """Channels to prune per group under one ranking of mean-normalised scores."""
+    """Channels to prune per group under one ranking of mean-normalised scores.
+
+    ``original`` are the groups' widths before earlier passes (iterative pruning; default: the
+    current widths ``len(scores[i])``): ``sparsity``, the cap and the rounding refer to them, and
+    the counts are what to remove from the current widths now.
+    """
     if not scores:
         return []
     sizes = [len(s) for s in scores]
+    full = list(original) if original is not None else sizes
+    done = [f - n for f, n in zip(full, sizes, strict=True)]
     normalised = [s / s.mean() if s.mean() > 0 else torch.ones_like(s) for s in scores]
     owner = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
     order = torch.argsort(torch.cat(normalised), stable=True).tolist()
-    caps = [min(n - 1, math.floor(n * max_layer_sparsity)) for n in sizes]
-    target = math.floor(sum(sizes) * sparsity + 0.5)
+    caps = [
+        max(0, min(f - 1, math.floor(f * max_layer_sparsity)) - d)
+        for f, d in zip(full, done, strict=True)
+    ]
+    target = math.floor(sum(full) * sparsity + 0.5) - sum(done)
     counts, total = [0] * len(sizes), 0
     for position in order:
         if total >= target:
@@ -342,7 +357,10 @@ def global_prune_counts(
         if counts[g] < caps[g]:
             counts[g] += 1
             total += 1
-    return [n - round_kept(n - c, n, round_to) for n, c in zip(sizes, counts, strict=True)]
+    return [
+        n - min(n, round_kept(n - c, f, round_to))
+        for n, f, c in zip(sizes, full, counts, strict=True)
+    ]
 
 
 def lowest(scores: torch.Tensor, count: int) -> list[int]:

@@ -111,6 +111,31 @@ class LayerRecord:
             if getattr(other, key) is not None:
                 setattr(self, key, getattr(other, key))
 
+    def compose(self, later: LayerRecord) -> None:
+        """Fold in a record of a later pruning pass of this module, whose indices count the
+        tensors as this record leaves them (iterative pruning), so every index stays original."""
+        for name, rec in later.tensors.items():
+            mine = self.tensors.get(name)
+            if mine is None:
+                self.tensors[name] = copy.deepcopy(rec)
+                continue
+            if tuple(rec.original_shape) != tuple(mine.shape):
+                raise CheckpointError(
+                    f"{self.module}: {name} is {list(mine.shape)} after the earlier pass, the "
+                    f"later pass starts from {list(rec.original_shape)}"
+                )
+            for dim, idx in rec.kept.items():
+                base = mine.kept.get(dim)
+                mine.kept[dim] = [base[i] for i in idx] if base is not None else list(idx)
+            mine.shape = tuple(rec.shape)
+        for key, value in later.original_attributes.items():
+            self.original_attributes.setdefault(key, value)
+        self.attributes.update(later.attributes)
+        for key in ("kept_out", "kept_in", "kept_heads"):
+            new, base = getattr(later, key), getattr(self, key)
+            if new is not None:
+                setattr(self, key, [base[i] for i in new] if base is not None else list(new))
+
 
 @dataclass
 class PruningManifest:
@@ -125,6 +150,14 @@ class PruningManifest:
             self.layers[record.module].merge(record)
         else:
             self.layers[record.module] = copy.deepcopy(record)
+
+    def compose(self, later: PruningManifest) -> None:
+        """Fold in the manifest of a later pass that pruned the model this one describes."""
+        for name, record in later.layers.items():
+            if name in self.layers:
+                self.layers[name].compose(record)
+            else:
+                self.layers[name] = copy.deepcopy(record)
 
     def removed_parameters(self) -> int:
         """Parameter elements removed (original minus new), from the recorded shapes alone."""

@@ -2,260 +2,145 @@
 
 Torch-Pruning's dependency graph finds the groups of tensor slices that must go together (a
 conv's filters, the next layer's inputs, BatchNorm entries, residual partners, SE gates, a ViT's
-``cls_token``...). slimkit owns the rest: which groups the :class:`~slimkit.core.scope.Scope`
-allows, the per-channel importance (:mod:`slimkit.prune.channel_importance`), how many channels
-each group keeps (``uniform`` or ``global`` ranking, rounded to ``round_to``), whole-head removal
-for attention, and the record of what was kept (:mod:`slimkit.prune.manifest`).
+``cls_token``...); :mod:`slimkit.prune.groups` holds that machinery. This module decides how much
+each group loses:
+
+* **goal**: a channel ``sparsity``, or a ``target`` reduction of the model's MACs (``flops``) or
+  parameters (``params``), measured with :func:`~slimkit.measure.flops.count_macs` on pruned
+  copies, so the result reaches at least the target.
+* **allocation**: ``uniform`` (the same sparsity per group), ``global`` (one ranking of
+  mean-normalised scores, at most ``max_layer_sparsity`` of any group) or ``sensitivity``
+  (per-group sparsities from measured sensitivity curves, :mod:`slimkit.prune.sensitivity`).
+  With a target, ``uniform``/``global`` bisect the sparsity that reaches it (so all three can be
+  compared at equal FLOPs) and ``sensitivity`` takes the shortest prefix of its greedy path that
+  does; every group then stays at or below ``max_layer_sparsity``.
+* **when**: one shot in ``apply`` (then fine-tune), or iteratively: with a ``schedule`` each
+  ``step`` where the schedule's value rises prunes a further slice of the (fine-tuned) model.
+
+Pruning **replaces parameters**: build the optimizer after ``apply``, and rebuild it (and its LR
+scheduler) whenever ``step`` returns True, which :attr:`StructuredPruning.parameters_replaced`
+also says until the next step. The recipe runner or your own loop must do this; an optimizer
+holding the old parameters silently trains nothing.
 
 The final classifier's outputs (any module whose output is a model output) are never pruned.
-A group that cannot be handled is skipped with its reason, never dropped silently: it couples
-with a layer the scope excludes, contains a module type slimkit cannot slice, is an attention
-projection while ``prune_heads`` is off, or pruning it broke the forward pass (rolled back).
-
-The model is traced with ``example_inputs`` (a tuple; a trailing dict holds keyword arguments),
-given to the constructor or :meth:`StructuredPruning.apply`, or zeros of ``input_shape``.
-Pruning replaces parameters: build the optimizer after ``apply``.
+A group that cannot be handled is skipped with its reason, never dropped silently. The model is
+traced with ``example_inputs`` (a tuple; a trailing dict holds keyword arguments), given to the
+constructor or :meth:`StructuredPruning.apply`, or zeros of ``input_shape``. The manifest holds
+original indices across every pass, so :func:`~slimkit.prune.manifest.load_pruned` rebuilds the
+result from a freshly built model.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from slimkit.core.config import Config
-from slimkit.core.scope import Scope, Selection
+from slimkit.core.schedules import AnySchedule, ConstantSchedule, Schedule
+from slimkit.core.scope import Selection
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
-from slimkit.errors import StateError
-from slimkit.prune.channel_importance import (
-    CHANNEL_IMPORTANCES,
-    ChannelGroup,
-    channel_group,
-    dependency_graph,
-    first_line,
-    global_prune_counts,
-    heads_to_remove,
-    kept_count,
-    lowest,
-    make_channel_importance,
+from slimkit.errors import ConfigError, StateError
+from slimkit.prune.allocation import AllocationStep, GroupCurve, greedy_path, path_sparsities
+from slimkit.prune.attention import ATTENTION_ADAPTERS, AttentionSpec
+from slimkit.prune.channel_importance import global_prune_counts
+from slimkit.prune.groups import (
+    ChannelSelection,
+    Cost,
+    GroupPlan,
+    GroupTrace,
+    StructuredPlan,
+    apply_records,
+    forward_eval,
+    leaves,
+    measure_cost,
+    removal_count,
+    split_inputs,
+    trace_groups,
 )
-from slimkit.prune.manifest import (
-    LayerRecord,
-    PruningManifest,
-    TensorRecord,
-    apply_record,
-    record_slicing,
-    undo,
-)
+from slimkit.prune.manifest import PruningManifest
+from slimkit.prune.sensitivity import SensitivityReport, measure_sensitivity
 
-ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-SUPPORTED = (*ROOT_TYPES, nn.Embedding)
-SLICEABLE = (
-    *SUPPORTED,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.PReLU,
-)
+BISECTION_STEPS = 14  # sparsity resolution of max_layer_sparsity / 2**14 for target searches
 
 
-class StructuredPruningConfig(Config):
-    """Remove a ``sparsity`` share of the channels of every prunable group (one shot).
+class PruningTarget(Config):
+    """Remove ``reduction`` of the model's per-sample MACs (``metric: flops``; FLOPs are 2 MACs,
+    so the share is the same) or of its parameters (``metric: params``)."""
 
-    ``allocation="uniform"`` prunes each group by ``sparsity``; ``"global"`` ranks all channels
-    together (scores divided by their group's mean) and prunes at most ``max_layer_sparsity`` of
-    any group. Kept counts are rounded up to a multiple of ``round_to`` (1 = off) where the group
-    has at least ``round_to`` channels. With ``prune_heads`` attention loses whole heads
-    (``round(sparsity * heads)``, at least one head stays) and head dims are never pruned.
+    metric: Literal["flops", "params"]
+    reduction: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class StructuredPruningConfig(ChannelSelection):
+    """Remove channels (and whole heads) of every prunable group; see the module docstring.
+
+    Give a channel ``sparsity`` or a ``target`` (one shot), or a ``schedule`` (iterative). The
+    schedule's values are channel sparsities, or with a ``target`` reductions of its metric,
+    and must then end at ``target.reduction``. ``allocation: sensitivity`` needs a ``target``
+    and curves: ``sensitivity_file`` (written by :func:`~slimkit.prune.sensitivity.
+    run_sensitivity` or :meth:`SensitivityReport.save`), or ``sensitivity=``/``evaluate=``
+    given to :class:`StructuredPruning`. ``round_to``, ``prune_heads``, ``scope``,
+    ``importance`` and ``seed`` are described in :class:`~slimkit.prune.groups.ChannelSelection`.
     """
 
     kind: Literal["structured_prune"] = "structured_prune"
-    scope: Scope = Scope()
-    sparsity: Annotated[float, Field(ge=0.0, lt=1.0)]
-    importance: str = "l1"
-    allocation: Literal["uniform", "global"] = "uniform"
+    sparsity: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    target: PruningTarget | None = None
+    schedule: AnySchedule | None = None
+    allocation: Literal["uniform", "global", "sensitivity"] = "uniform"
     max_layer_sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
-    round_to: Annotated[int, Field(ge=1)] = 8
-    prune_heads: bool = True
-    seed: int = 0
+    sensitivity_file: str | None = None
     input_shape: tuple[Annotated[int, Field(ge=1)], ...] | None = None
 
-    @field_validator("importance")
-    @classmethod
-    def _known_importance(cls, value: str) -> str:
-        if value not in CHANNEL_IMPORTANCES:
-            raise ValueError(f"expected one of {', '.join(sorted(CHANNEL_IMPORTANCES))}")
-        return value
+    @model_validator(mode="after")
+    def _check(self) -> StructuredPruningConfig:
+        if self.schedule is None and (self.sparsity is None) == (self.target is None):
+            raise ValueError(
+                "give exactly one of 'sparsity' (channel share) or 'target' (flops or params "
+                "reduction), or a 'schedule'"
+            )
+        if self.schedule is not None and self.sparsity is not None:
+            raise ValueError("give 'sparsity' or 'schedule', not both")
+        if self.schedule is not None and self.target is not None:
+            final, goal = self.schedule.final_value, self.target.reduction
+            if not math.isclose(final, goal, abs_tol=1e-9):
+                raise ValueError(
+                    f"with a target the schedule's values are {self.target.metric} reductions: "
+                    f"it ends at {final:g}, target.reduction is {goal:g}"
+                )
+        if self.allocation == "sensitivity" and self.target is None:
+            raise ValueError(
+                "allocation 'sensitivity' needs a target, e.g. {metric: flops, reduction: 0.5}"
+            )
+        if self.sensitivity_file is not None and self.allocation != "sensitivity":
+            raise ValueError("sensitivity_file is only read by allocation 'sensitivity'")
+        return self
 
-
-# --- attention ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """One multi-head attention: its q/k/v projections (outputs = heads * head_dim), the output
-    projection, and the attributes to set for a new head count."""
-
-    name: str
-    projections: tuple[str, str, str]
-    output: str
-    num_heads: int
-    head_dim: int
-    attributes: Callable[[int], dict[str, int]]
-
-
-def _join(prefix: str, leaf: str) -> str:
-    return f"{prefix}.{leaf}" if prefix else leaf
-
-
-def _explicit_attention(name: str, module: nn.Module, model: nn.Module) -> AttentionSpec | None:
-    """``q_proj``/``k_proj``/``v_proj``/``out_proj`` with ``num_heads``/``head_dim``
-    (slimkit's ViT, timm-like code)."""
-    names = ("q_proj", "k_proj", "v_proj", "out_proj")
-    heads, dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
-    if not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
-        return None
-    if not isinstance(heads, int) or not isinstance(dim, int):
-        return None
-    q, k, v, o = (_join(name, n) for n in names)
-    return AttentionSpec(name, (q, k, v), o, heads, dim, lambda h: {"num_heads": h})
-
-
-def _hf_self_attention(name: str, module: nn.Module, model: nn.Module) -> AttentionSpec | None:
-    """Hugging Face BERT-style ``query``/``key``/``value`` with the output projection at the
-    parent's ``output.dense``."""
-    heads, dim = (
-        getattr(module, "num_attention_heads", None),
-        getattr(module, "attention_head_size", None),
-    )
-    if not all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")):
-        return None
-    if not isinstance(heads, int) or not isinstance(dim, int):
-        return None
-    parent_name = name.rpartition(".")[0]
-    out = getattr(getattr(model.get_submodule(parent_name), "output", None), "dense", None)
-    if not isinstance(out, nn.Linear):
-        return None
-    total = hasattr(module, "all_head_size")
-
-    def attributes(h: int) -> dict[str, int]:
-        return {"num_attention_heads": h, **({"all_head_size": h * dim} if total else {})}
-
-    qkv = tuple(_join(name, n) for n in ("query", "key", "value"))
-    return AttentionSpec(name, qkv, _join(parent_name, "output.dense"), heads, dim, attributes)
-
-
-ATTENTION_ADAPTERS: list[Callable[[str, nn.Module, nn.Module], AttentionSpec | None]] = [
-    _explicit_attention,
-    _hf_self_attention,
-]
-"""Recognisers of attention modules, tried in order; append your own."""
-
-
-# --- the plan -------------------------------------------------------------------------------------
+    @property
+    def effective_schedule(self) -> Schedule:
+        """The schedule, or a one-shot constant one at the ``sparsity`` / target reduction."""
+        if self.schedule is not None:
+            return self.schedule
+        goal = self.sparsity if self.target is None else self.target.reduction
+        return ConstantSchedule(target=goal, begin=0, end=0)
 
 
 @dataclass
-class GroupPlan:
-    """One dependency group: what will be removed (root channel indices) or why it is skipped."""
+class _Progress:
+    """Where the pruning of one model stands: group widths (units) before the first pass, the
+    unpruned cost, and how far each allocation has gone."""
 
-    root: str
-    kind: Literal["channels", "heads"]
-    channels: int
-    members: list[str]
-    prune: list[int] = field(default_factory=list)
-    skip: str | None = None
-    note: str | None = None
-    attention: str | None = None
-    heads: int = 0
-    head_dim: int = 0
-
-
-@dataclass
-class StructuredPlan:
-    """Every group of a model, the auto-protected output layers and scope-skipped modules."""
-
-    groups: list[GroupPlan]
-    output_layers: list[str]
-    skipped_modules: list[tuple[str, str]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        lines = [f"output layers (never pruned): {', '.join(self.output_layers) or '-'}"]
-        for g in self.groups:
-            status = f"skip: {g.skip}" if g.skip else f"{g.channels} -> {g.channels - len(g.prune)}"
-            lines.append(f"  {g.root} [{g.kind}, {len(g.members)} members] {status}")
-        lines += [f"  {name}: skipped: {why}" for name, why in self.skipped_modules]
-        return "\n".join(lines)
-
-
-def _split_inputs(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args = (example,) if isinstance(example, torch.Tensor) else tuple(example)
-    if args and isinstance(args[-1], dict):
-        return args[:-1], dict(args[-1])
-    return args, {}
-
-
-def _leaves(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return [t for item in items for t in _leaves(item)]
-
-
-def _run(model: nn.Module, args: tuple, kwargs: dict, hooks: bool = False) -> tuple[Any, set]:
-    """Eval-mode forward (training flags restored); with ``hooks`` also the names of the modules
-    whose output tensor is a model output (weak references: no activation is kept alive)."""
-    modes = {m: m.training for m in model.modules()}
-    produced: list[tuple[str, weakref.ref]] = []
-
-    def hook(module: nn.Module, _args: Any, out: Any, name: str = "") -> None:
-        produced.extend((name, weakref.ref(t)) for t in _leaves(out))
-
-    handles = [
-        module.register_forward_hook(functools.partial(hook, name=name))
-        for name, module in (model.named_modules() if hooks else ())
-        if name and any(True for _ in module.parameters(recurse=False))
-    ]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
-    outputs = _leaves(out)
-    return out, {name for name, ref in produced if any(ref() is t for t in outputs)}
-
-
-def _skip_reason(
-    view: ChannelGroup, selected: set[str], scope_skipped: dict[str, str], outputs: set[str]
-) -> str | None:
-    for m in view.members:
-        if isinstance(m.module, nn.Module) and not isinstance(m.module, SLICEABLE):
-            return f"{m.name} ({type(m.module).__name__}) is not supported by structured_prune"
-        if len(set(m.idxs)) != len(m.idxs):
-            return f"{m.name}: channels map ambiguously through a reshape"
-        if m.role != "out" or not isinstance(m.module, SUPPORTED):
-            continue
-        if m.name in outputs:
-            return f"{m.name} is an output layer: its outputs are the model's outputs"
-        if m.name not in selected:
-            why = scope_skipped.get(m.name, "not selected by the scope")
-            return f"{m.name}: {why}" if m.name == view.root else f"couples with {m.name}: {why}"
-    return None
+    original: dict[str, int]
+    baseline: Cost
+    sparsity: float = 0.0  # uniform / global: the channel sparsity reached
+    prefix: int = 0  # sensitivity: greedy steps taken
+    predicted_drop: float | None = None
 
 
 # --- the technique --------------------------------------------------------------------------------
@@ -263,18 +148,44 @@ def _skip_reason(
 
 @register_technique
 class StructuredPruning(Technique):
-    """See :class:`StructuredPruningConfig` and the module docstring."""
+    """See :class:`StructuredPruningConfig` and the module docstring.
+
+    ``evaluate(model) -> float`` (higher is better) lets ``allocation: sensitivity`` measure its
+    curves on the model given to ``apply``; ``sensitivity`` passes them ready-made.
+    """
 
     kind = "structured_prune"
     config_class = StructuredPruningConfig
     config: StructuredPruningConfig
 
-    def __init__(self, config: StructuredPruningConfig, *, example_inputs: Any = None) -> None:
+    def __init__(
+        self,
+        config: StructuredPruningConfig,
+        *,
+        example_inputs: Any = None,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        sensitivity: SensitivityReport | None = None,
+    ) -> None:
         super().__init__(config)
         self.example_inputs = example_inputs
+        self.evaluate = evaluate
+        self.sensitivity = sensitivity
+        self.schedule = config.effective_schedule
         self.manifest: PruningManifest | None = None
         self.last_plan: StructuredPlan | None = None
+        self.value = 0.0  # the schedule value pruned to so far
+        self._state: _Progress | None = None
+        self._path: list[AllocationStep] | None = None
+        self._pruned: dict[str, None] = {}  # roots that lost units, in order
+        self._replaced = False
+        self._inputs_used: tuple[tuple, dict] = ((), {})
         self._totals: dict[str, Any] = {}
+
+    @property
+    def parameters_replaced(self) -> bool:
+        """True when the latest ``apply``/``step`` sliced the model: its parameters are new
+        objects, so the optimizer (and its LR scheduler) must be rebuilt."""
+        return self._replaced
 
     def _inputs(self, example_inputs: Any) -> tuple[tuple, dict]:
         example = example_inputs if example_inputs is not None else self.example_inputs
@@ -285,11 +196,18 @@ class StructuredPruning(Technique):
                 f"{self.kind}: example inputs are needed to trace the model; pass "
                 "example_inputs= to the constructor or apply(), or set input_shape"
             )
-        return _split_inputs(example)
+        return split_inputs(example)
 
+    # --- planning ---------------------------------------------------------------------------
     def plan_groups(self, model: nn.Module, example_inputs: Any = None) -> StructuredPlan:
-        """Every group with the channels it would lose or its skip reason; no side effects."""
-        return self._analyse(model, *self._inputs(example_inputs))[0]
+        """Every group with the channels it would lose at the schedule's final value, or its
+        skip reason; the model is not changed (target searches prune copies)."""
+        args, kwargs = self._inputs(example_inputs)
+        trace = trace_groups(model, args, kwargs, self.config)
+        state = _Progress({g.root: g.units for g in trace.plan.groups}, self._cost(trace))
+        trace.set_removals(self._allocate(trace, state, self.schedule.final_value))
+        self.last_plan = trace.plan
+        return trace.plan
 
     def plan(self, model: nn.Module, example_inputs: Any = None) -> Selection:
         plan = self.plan_groups(model, example_inputs)
@@ -302,141 +220,255 @@ class StructuredPruning(Technique):
                 selection.selected.append((g.root, modules[g.root]))
         return selection
 
-    def _analyse(
-        self, model: nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[StructuredPlan, Any, dict]:
-        cfg = self.config
-        selection = cfg.scope.select(
-            model,
-            lambda m: isinstance(m, SUPPORTED),
-            technique=self.kind,
-            describe_supported="Conv1d/2d/3d, Linear, Embedding",
-        )
-        _, outputs = _run(model, args, kwargs, hooks=True)
-        graph = dependency_graph(model, args, kwargs)
-        specs: dict[str, AttentionSpec] = {}
-        for name, module in model.named_modules():
-            spec = next((s for a in ATTENTION_ADAPTERS if (s := a(name, module, model))), None)
-            for proj in spec.projections if spec else ():
-                specs[proj] = spec
-        importance = make_channel_importance(cfg.importance, seed=cfg.seed)
-        plans, roots, scored = [], {}, []
-        for group in graph.get_all_groups(root_module_types=ROOT_TYPES):
-            view = channel_group(group)
-            members = [f"{m.name}:{m.role}" for m in view.members]
-            plan = GroupPlan(view.root, "channels", view.channels, members)
-            plans.append(plan)
-            roots[id(plan)] = (group[0].dep.target.module, group[0].dep.handler)
-            plan.skip = _skip_reason(view, set(selection.names), dict(selection.skipped), outputs)
-            outs = {m.name for m in view.members if m.role == "out"}
-            spec = next((specs[n] for n in sorted(outs) if n in specs), None)
-            if spec is not None:
-                plan.kind, plan.attention = "heads", spec.name
-                plan.heads, plan.head_dim = spec.num_heads, spec.head_dim
-                ins = {m.name for m in view.members if m.role == "in"}
-                if not cfg.prune_heads:
-                    plan.skip = (
-                        plan.skip or "attention projections: set prune_heads to remove heads"
-                    )
-                elif not (set(spec.projections) <= outs and spec.output in ins) or (
-                    view.root not in spec.projections
-                    or view.channels != spec.num_heads * spec.head_dim
-                ):
-                    plan.skip = plan.skip or f"{spec.name}: projections are not coupled as expected"
-            if plan.skip is None and view.channels < 2:
-                plan.skip = "a single channel"
-            if plan.skip is not None:
-                continue
-            scores = importance(view)
-            if scores is None:
-                plan.skip = "no weights to score"
-                continue
-            plan.note = importance.fallback_reason(view)
-            scored.append((plan, scores, specs.get(view.root)))
-        self._allocate(scored)
-        self.last_plan = StructuredPlan(plans, sorted(outputs), list(selection.skipped))
-        return self.last_plan, graph, {"roots": roots, "specs": {s.name: s for s in specs.values()}}
+    def _cost(self, trace: GroupTrace) -> Cost:
+        return measure_cost(trace.model, trace.args, trace.kwargs)
 
-    def _allocate(self, scored: list[tuple[GroupPlan, torch.Tensor, AttentionSpec | None]]) -> None:
+    def _allocate(self, trace: GroupTrace, state: _Progress, value: float) -> dict[str, int]:
+        """Units each prunable group loses now so that ``value`` of the goal is reached."""
+        if value <= 0.0:
+            return {}
+        target = self.config.target
+        if target is None:
+            return self._at_sparsity(trace, state, value)
+        if self.config.allocation == "sensitivity":
+            return self._along_path(trace, state, value, target.metric)
+        return self._bisect(trace, state, value, target.metric)
+
+    def _at_sparsity(self, trace: GroupTrace, state: _Progress, sparsity: float) -> dict[str, int]:
         cfg = self.config
-        channel = [(p, s) for p, s, spec in scored if spec is None]
+        groups = trace.prunable
+        original = {root: state.original.get(root, g.plan.units) for root, g in groups.items()}
+        channel = [root for root, g in groups.items() if g.spec is None]
         if cfg.allocation == "global":
             counts = global_prune_counts(
-                [s for _, s in channel], cfg.sparsity, cfg.max_layer_sparsity, cfg.round_to
+                [groups[r].scores for r in channel],
+                sparsity,
+                cfg.max_layer_sparsity,
+                cfg.round_to,
+                original=[original[r] for r in channel],
             )
         else:
             counts = [
-                p.channels - kept_count(p.channels, cfg.sparsity, cfg.round_to) for p, _ in channel
+                removal_count(groups[r].plan.units, original[r], sparsity, cfg.round_to)
+                for r in channel
             ]
-        for (plan, scores), count in zip(channel, counts, strict=True):
-            plan.prune = lowest(scores, count)
-        for plan, scores, spec in scored:
-            if spec is not None:
-                heads = lowest(
-                    scores.reshape(spec.num_heads, spec.head_dim).sum(1),
-                    heads_to_remove(spec.num_heads, cfg.sparsity),
-                )
-                plan.prune = [h * spec.head_dim + j for h in heads for j in range(spec.head_dim)]
+        removals = dict(zip(channel, counts, strict=True))
+        for root, g in groups.items():
+            if g.spec is not None:
+                removals[root] = removal_count(g.plan.units, original[root], sparsity, heads=True)
+        return removals
 
-    # --- apply ------------------------------------------------------------------------------------
+    def _search(
+        self,
+        trace: GroupTrace,
+        state: _Progress,
+        value: float,
+        metric: str,
+        removals_at: Callable[[int], dict[str, int]],
+        points: int,
+    ) -> int:
+        """The first of ``points`` increasing allocations (bisection) whose measured reduction
+        reaches ``value``; ``removals_at(i)`` gives allocation ``i``. Infeasible: ConfigError."""
+        memo: dict[tuple, float] = {}
+
+        def reaches(i: int) -> bool:
+            removals = removals_at(i)
+            key = tuple(sorted((r, n) for r, n in removals.items() if n))
+            if key not in memo:
+                memo[key] = trace.cost(removals).reduction(state.baseline, metric)
+            return memo[key] >= value - 1e-12
+
+        lo, hi = 0, points - 1
+        if not reaches(hi):
+            best = max(memo.values())
+            raise ConfigError(
+                f"{self.kind}: a {metric} reduction of {value:g} is out of reach with allocation "
+                f"{self.config.allocation!r}: the best reachable is {best:.4f} "
+                f"(max_layer_sparsity {self.config.max_layer_sparsity:g})"
+            )
+        if reaches(lo):
+            return lo
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+        return hi
+
+    def _bisect(
+        self, trace: GroupTrace, state: _Progress, value: float, metric: str
+    ) -> dict[str, int]:
+        start, stop = state.sparsity, self.config.max_layer_sparsity
+
+        def sparsity(i: int) -> float:
+            return start + (stop - start) * i / 2**BISECTION_STEPS
+
+        def removals_at(i: int) -> dict[str, int]:
+            return self._at_sparsity(trace, state, sparsity(i))
+
+        i = self._search(trace, state, value, metric, removals_at, 2**BISECTION_STEPS + 1)
+        state.sparsity = sparsity(i)
+        return removals_at(i)
+
+    def _along_path(
+        self, trace: GroupTrace, state: _Progress, value: float, metric: str
+    ) -> dict[str, int]:
+        curves = self._curves(trace, state, metric)
+        if self._path is None:
+            self._path = greedy_path(curves, max_layer_sparsity=self.config.max_layer_sparsity)
+        path, groups, start = self._path, trace.prunable, state.prefix
+
+        def removals_at(i: int) -> dict[str, int]:
+            sparsities = path_sparsities(path[: start + i])
+            return {
+                root: removal_count(
+                    g.plan.units,
+                    state.original.get(root, g.plan.units),
+                    sparsities.get(root, 0.0),
+                    self.config.round_to,
+                    heads=g.spec is not None,
+                )
+                for root, g in groups.items()
+            }
+
+        i = self._search(trace, state, value, metric, removals_at, len(path) - start + 1)
+        state.prefix = start + i
+        state.predicted_drop = path[state.prefix - 1].drop if state.prefix else 0.0
+        return removals_at(i)
+
+    def _curves(self, trace: GroupTrace, state: _Progress, metric: str) -> dict[str, GroupCurve]:
+        report = self._sensitivity(trace)
+        curves, failed = report.curves(metric), dict(report.skipped)
+        for root, g in trace.prunable.items():
+            measured = report.groups.get(root)
+            if measured is None and root in failed:
+                g.plan.skip = f"no sensitivity curve: {failed[root]}"
+                continue
+            if measured is None:
+                raise ConfigError(
+                    f"{self.kind}: the sensitivity report has no curve for group {root!r}; "
+                    "measure it with the same scope and prune_heads"
+                )
+            if measured.units != state.original.get(root, g.plan.units):
+                raise ConfigError(
+                    f"{self.kind}: the sensitivity report measured group {root!r} with "
+                    f"{measured.units} {g.plan.kind}, the model has "
+                    f"{state.original.get(root, g.plan.units)}"
+                )
+        return {root: curves[root] for root in trace.prunable}
+
+    def _sensitivity(self, trace: GroupTrace) -> SensitivityReport:
+        if self.sensitivity is None and self.config.sensitivity_file is not None:
+            self.sensitivity = SensitivityReport.load(self.config.sensitivity_file)
+        if self.sensitivity is None and self.evaluate is not None:
+            inputs = (*trace.args, trace.kwargs) if trace.kwargs else trace.args
+            self.sensitivity = measure_sensitivity(
+                trace.model, inputs, self.evaluate, config=self.config, progress=False
+            )
+        if self.sensitivity is None:
+            raise ConfigError(
+                f"{self.kind}: allocation 'sensitivity' needs curves: set sensitivity_file, or "
+                "give StructuredPruning sensitivity= (a SensitivityReport) or evaluate= "
+                "(model -> metric)"
+            )
+        return self.sensitivity
+
+    # --- life cycle -------------------------------------------------------------------------
     def apply(self, model: nn.Module, example_inputs: Any = None) -> None:
-        """Physically remove the planned channels and heads of ``model`` (in place, one shot)."""
+        """Trace ``model``, and prune it in place to the schedule's value at step 0 (one shot:
+        the whole goal; a schedule starting later: nothing yet)."""
         if self._already_applied(model):
             return
         args, kwargs = self._inputs(example_inputs)
-        before, _ = _run(model, args, kwargs)
-        plan, graph, extra = self._analyse(model, args, kwargs)
-        todo = []
-        for g in plan.groups:  # record everything before the graph's modules change
-            if g.skip is None and g.prune:
-                module, fn = extra["roots"][id(g)]
-                try:
-                    records = _group_records(graph, graph.get_pruning_group(module, fn, g.prune))
-                except Exception as exc:
-                    g.skip, g.prune = f"cannot be sliced: {first_line(exc)}", []
-                    continue
-                if g.attention is not None:
-                    records.append(_heads_record(model, extra["specs"][g.attention], g))
-                todo.append((g, records))
-        modules = dict(model.named_modules())
-        manifest = PruningManifest(technique=self.config.to_dict())
-        for g, records in todo:
-            log = []
-            try:
-                for record in records:
-                    log += apply_record(modules[record.module], record)
-                _run(model, args, kwargs)
-            except Exception as exc:
-                undo(log)
-                g.skip, g.prune = f"broke the forward pass, rolled back: {first_line(exc)}", []
-                continue
-            for record in records:
-                manifest.add(record)
-        after, _ = _run(model, args, kwargs)
-        shapes = [tuple(t.shape) for t in _leaves(before)], [tuple(t.shape) for t in _leaves(after)]
+        trace = trace_groups(model, args, kwargs, self.config)
+        self._state = _Progress({g.root: g.units for g in trace.plan.groups}, self._cost(trace))
+        self._inputs_used = (args, kwargs)
+        self.manifest = PruningManifest(technique=self.config.to_dict())
+        self._model = model
+        self._prune_to(trace, self.schedule.value(0))
+
+    def step(self, step: int) -> bool:
+        """On the schedule's update steps, prune a further slice when its value has risen;
+        True (and :attr:`parameters_replaced`) when parameters were replaced."""
+        super().step(step)
+        self._replaced = False
+        if self._model is None or self._state is None:
+            raise StateError(f"{self.kind}: call apply(model) before step")
+        if not self.schedule.is_update_step(step):
+            return False
+        value = self.schedule.value(step)
+        if value <= self.value + 1e-12:
+            return False
+        args, kwargs = self._inputs_used
+        return self._prune_to(trace_groups(self._model, args, kwargs, self.config), value)
+
+    def _prune_to(self, trace: GroupTrace, value: float) -> bool:
+        model, state = trace.model, self._state
+        before, _ = forward_eval(model, trace.args, trace.kwargs)
+        trace.set_removals(self._allocate(trace, state, value))
+        applied = apply_records(model, trace.records(), trace.args, trace.kwargs)
+        after, _ = forward_eval(model, trace.args, trace.kwargs)
+        shapes = [tuple(t.shape) for t in leaves(before)], [tuple(t.shape) for t in leaves(after)]
         if shapes[0] != shapes[1]:
             raise StateError(f"{self.kind}: output shapes changed from {shapes[0]} to {shapes[1]}")
-        pruned = [g for g in plan.groups if g.skip is None]
-        self._totals = {
-            "target": self.config.sparsity,
-            "channels": sum(g.channels for g in pruned if g.kind == "channels"),
-            "channels_removed": sum(len(g.prune) for g in pruned if g.kind == "channels"),
-            "heads_removed": sum(
-                len(g.prune) // max(1, g.head_dim) for g in pruned if g.kind == "heads"
-            ),
-            "params_removed": manifest.removed_parameters(),
-            "groups_skipped": sum(1 for g in plan.groups if g.skip),
-        }
-        self.manifest, self._model = manifest, model
+        self.manifest.compose(applied)
+        self.value = max(self.value, value)
+        self.last_plan = trace.plan
+        self._pruned.update(dict.fromkeys(g.root for g in trace.plan.groups if g.prune))
+        self._record(trace)
+        self._replaced = bool(applied.layers)
+        return self._replaced
+
+    def _record(self, trace: GroupTrace) -> None:
+        plan, state, cfg = trace.plan, self._state, self.config
+        modules = dict(trace.model.named_modules())
         self.selection = Selection(
-            selected=[(g.root, modules[g.root]) for g in pruned if g.prune],
+            selected=[(root, modules[root]) for root in self._pruned],
             skipped=[(g.root, g.skip) for g in plan.groups if g.skip] + plan.skipped_modules,
         )
+        groups = [g for g in plan.groups if g.skip is None or g.root in self._pruned]
+
+        def now(g: GroupPlan) -> int:
+            return g.units - (
+                len(g.prune) // max(1, g.head_dim) if g.kind == "heads" else len(g.prune)
+            )
+
+        channels = [g for g in groups if g.kind == "channels"]
+        total = sum(state.original.get(g.root, g.units) for g in channels)
+        cost = self._cost(trace)
+        self._totals = {
+            "allocation": cfg.allocation,
+            "target_metric": "channels" if cfg.target is None else cfg.target.metric,
+            "target": self.value,
+            "final_target": self.schedule.final_value,
+            "channels": total,
+            "channels_removed": total - sum(now(g) for g in channels),
+            "heads_removed": sum(
+                state.original.get(g.root, g.units) - now(g) for g in groups if g.kind == "heads"
+            ),
+            "params_removed": self.manifest.removed_parameters(),
+            "macs_before": state.baseline.macs,
+            "macs_after": cost.macs,
+            "macs_reduction": cost.reduction(state.baseline, "flops"),
+            "params_before": state.baseline.params,
+            "params_after": cost.params,
+            "params_reduction": cost.reduction(state.baseline, "params"),
+            "groups_skipped": sum(1 for g in plan.groups if g.skip),
+        }
+        if cfg.target is not None and cfg.allocation != "sensitivity":
+            self._totals["sparsity"] = state.sparsity
+        if state.predicted_drop is not None:
+            self._totals["predicted_drop"] = state.predicted_drop
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        """The model is already plain PyTorch (smaller modules); returned as is."""
+        """The model is plain PyTorch after every pass (smaller modules): returned as is. A run
+        shorter than the schedule keeps what it reached (see the summary's totals)."""
         self._require_applied()
+        self._replaced = False
         return model
+
+    def scalars(self) -> dict[str, float]:
+        """TensorBoard scalars: the value pruned to and the MACs / parameter reductions."""
+        keys = ("target", "macs_reduction", "params_reduction")
+        return {f"structured/{k}": float(self._totals[k]) for k in keys if k in self._totals}
 
     def summary(self) -> TechniqueSummary:
         selection = self._require_applied()
@@ -458,74 +490,21 @@ class StructuredPruning(Technique):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["manifest"] = self.manifest.to_dict() if self.manifest is not None else None
+        state["value"] = self.value
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         data = state.get("manifest")
         self.manifest = PruningManifest.from_dict(data) if data is not None else None
-
-
-def _group_records(graph: Any, group: Any) -> list[LayerRecord]:
-    """A :class:`LayerRecord` per module (and bare parameter) that ``group`` slices."""
-    records, ops = [], {}
-    for item in group.items:
-        dep, idxs = item.dep, list(item.idxs)
-        target = dep.target.module
-        role = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
-        if isinstance(target, nn.Parameter):
-            name = graph._param_to_name.get(target)
-            if name is None:
-                continue
-            owner, _, leaf = name.rpartition(".")
-            dim = dep.target.pruning_dim % target.dim()
-            drop = set(idxs)
-            kept = [i for i in range(target.shape[dim]) if i not in drop]
-            shape = tuple(len(kept) if d == dim else n for d, n in enumerate(target.shape))
-            tensor = TensorRecord("parameter", tuple(target.shape), shape, {dim: kept})
-            owner_type = type(graph.model.get_submodule(owner)).__name__
-            records.append(LayerRecord(owner, owner_type, tensors={leaf: tensor}))
-        elif target in graph._module2name:
-            name = graph._module2name[target]
-            ops.setdefault(name, (target, []))[1].append(
-                (dep.handler, dep.target.pruning_dim, idxs, role)
-            )
-    for name, (module, module_ops) in ops.items():
-
-        def run(probe: nn.Module, module_ops: list = module_ops) -> None:
-            for handler, dim, idxs, _ in module_ops:
-                handler.__self__.pruning_dim = dim
-                handler(probe, idxs)
-
-        record = record_slicing(module, name, run)
-        for handler, dim, idxs, role in module_ops:
-            pruner = handler.__self__
-            pruner.pruning_dim = dim
-            count = (
-                pruner.get_out_channels(module) if role == "out" else pruner.get_in_channels(module)
-            )
-            kept = sorted(set(range(count)) - set(idxs))
-            setattr(record, "kept_out" if role == "out" else "kept_in", kept)
-        records.append(record)
-    return records
-
-
-def _heads_record(model: nn.Module, spec: AttentionSpec, plan: GroupPlan) -> LayerRecord:
-    removed = {i // spec.head_dim for i in plan.prune}
-    kept = [h for h in range(spec.num_heads) if h not in removed]
-    return LayerRecord(
-        module=spec.name,
-        type=type(model.get_submodule(spec.name)).__name__,
-        attributes=spec.attributes(len(kept)),
-        original_attributes=spec.attributes(spec.num_heads),
-        kept_heads=kept,
-    )
+        self.value = float(state.get("value", 0.0))
 
 
 __all__ = [
     "ATTENTION_ADAPTERS",
     "AttentionSpec",
     "GroupPlan",
+    "PruningTarget",
     "StructuredPlan",
     "StructuredPruning",
     "StructuredPruningConfig",
