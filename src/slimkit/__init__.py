@@ -9,6 +9,7 @@ from slimkit.core.policy import POLICIES, Policy
 from slimkit.core.schedules import ConstantSchedule, PolynomialSchedule, TrialsSchedule
 from slimkit.core.scope import Scope
 from slimkit.core.technique import TECHNIQUES, Technique, register_technique
+from slimkit.distill import Distillation, DistillationConfig
 from slimkit.errors import (
     CheckpointError,
     ConfigError,
@@ -19,6 +20,15 @@ from slimkit.errors import (
 )
 from slimkit.export.packed import load_packed, load_packed_into, save_packed
 from slimkit.prune import NM, Block, MagnitudePruning, MagnitudePruningConfig, strip_pruning
+from slimkit.prune.manifest import load_pruned, save_pruned
+from slimkit.prune.structured import StructuredPruning, StructuredPruningConfig
+from slimkit.quant import (
+    DynamicQuantConfig,
+    QATConfig,
+    StaticQuantizationConfig,
+    WeightOnlyConfig,
+    quantize_static,
+)
 from slimkit.recipe.schema import Recipe, load_recipe
 from slimkit.tasks.base import Task
 
@@ -34,24 +44,35 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConstantSchedule",
+    "Distillation",
+    "DistillationConfig",
+    "DynamicQuantConfig",
     "MagnitudePruning",
     "MagnitudePruningConfig",
     "Policy",
     "PolynomialSchedule",
+    "QATConfig",
     "Recipe",
     "Scope",
     "ScopeError",
     "SlimkitError",
     "StateError",
+    "StaticQuantizationConfig",
+    "StructuredPruning",
+    "StructuredPruningConfig",
     "Task",
     "Technique",
     "TrialsSchedule",
     "UnsupportedModuleError",
+    "WeightOnlyConfig",
     "__version__",
     "load_packed",
     "load_packed_into",
+    "load_pruned",
     "load_recipe",
+    "quantize_static",
     "register_technique",
     "save_packed",
+    "save_pruned",
     "strip_pruning",
 ]

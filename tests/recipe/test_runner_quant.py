@@ -185,7 +185,7 @@ def test_fp32_rule_matching_nothing_is_one_line_on_the_cli(tmp_path: Path, capsy
 
 
 def test_every_stage_is_exported_and_timed_against_the_one_before(pruned_int8) -> None:
-    result, metrics = pruned_int8
+    _result, metrics = pruned_int8
     base, prune, int8 = metrics["baseline"], *metrics["stages"]
     assert [r["onnx"]["form"] for r in (base, prune, int8)] == ["fp32", "fp32", "static_quant"]
     assert [r["onnx"]["path"] for r in (base, prune, int8)] == [

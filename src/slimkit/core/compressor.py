@@ -20,7 +20,7 @@ It never owns the optimizer or the data; it only sees the batches it is handed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -83,6 +83,24 @@ class Compressor:
         return [
             t.kind for t in self.techniques if t.after_training(model, batches, progress=progress)
         ]
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The techniques' own trainable parameters (add them to the optimizer)."""
+        for technique in self.techniques:
+            yield from technique.parameters()
+
+    @property
+    def parameters_replaced(self) -> bool:
+        """True when the last ``apply``/``step`` replaced model parameters (rebuild optimizer)."""
+        return any(t.parameters_replaced for t in self.techniques)
+
+    @property
+    def task_loss_weight(self) -> float:
+        """Product of the techniques' task-loss weights: scale the task loss by it."""
+        weight = 1.0
+        for technique in self.techniques:
+            weight *= technique.task_loss_weight
+        return weight
 
     def loss(self, outputs: Any = None, batch: Any = None) -> torch.Tensor | float:
         """Sum of the techniques' extra loss terms (0.0 when none adds one)."""

@@ -12,7 +12,7 @@ model and ``export_onnx`` writes it in the technique's deployable form (int8 QDQ
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,6 +42,23 @@ class TechniqueSummary:
             "totals": self.totals,
             "skipped": [{"module": n, "reason": r} for n, r in self.skipped],
         }
+
+
+@dataclass
+class RunContext:
+    """What a recipe run offers techniques before they are applied to a stage's model.
+
+    ``baseline``: the trained starting model (never trained further); ``stage_input``: the model
+    as it enters the stage; ``make_model``: builds a fresh task model; ``forward(model, batch)``
+    runs a model on a batch the way the task does; ``evaluate(model)``: the validation metric.
+    """
+
+    baseline: nn.Module
+    stage_input: nn.Module
+    make_model: Callable[[], nn.Module]
+    forward: Callable[[nn.Module, Any], Any]
+    evaluate: Callable[[nn.Module], float] | None = None  # validation metric, higher is better
+    work_dir: Path | None = None  # where a technique may cache what it measured
 
 
 class Technique(abc.ABC):
@@ -77,6 +94,26 @@ class Technique(abc.ABC):
         """Advance to optimizer step ``step`` (count of optimizer steps taken); True if it acted."""
         self.current_step = step
         return False
+
+    def bind_run(self, context: RunContext) -> None:
+        """Take what the technique needs from the run (a teacher, ...) before ``apply``."""
+        return None
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable parameters the technique owns besides the model's (KD adapters); the
+        training loop adds them to its optimizer."""
+        return iter(())
+
+    @property
+    def parameters_replaced(self) -> bool:
+        """True right after a step that replaced model parameters (structured pruning slices
+        layers): the training loop must rebuild its optimizer."""
+        return False
+
+    @property
+    def task_loss_weight(self) -> float:
+        """Factor for the task loss while this technique acts (1.0; distillation may lower it)."""
+        return 1.0
 
     def before_training(
         self, model: nn.Module, batches: Iterable[Any], *, progress: bool = False

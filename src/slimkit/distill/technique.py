@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from slimkit.core.scope import Selection, closest_names
-from slimkit.core.technique import Technique, TechniqueSummary, register_technique
+from slimkit.core.technique import RunContext, Technique, TechniqueSummary, register_technique
 from slimkit.distill.adapters import FeatureAdapter, make_adapter
 from slimkit.distill.config import (
     DistillationConfig,
@@ -68,7 +68,7 @@ from slimkit.distill.losses import (
     soft_cross_entropy,
     soft_kl,
 )
-from slimkit.distill.teacher import freeze
+from slimkit.distill.teacher import freeze, frozen_copy, load_teacher
 from slimkit.errors import ConfigError, ScopeError, StateError, UnsupportedModuleError
 
 __all__ = [
@@ -221,6 +221,22 @@ class Distillation(Technique):
                 f"{self.kind}: no teacher; call bind(teacher, forward) before apply/loss"
             )
         return self.teacher
+
+    def bind_run(self, context: RunContext) -> None:
+        """Pick the teacher ``config.teacher`` names from the run: a frozen copy of the baseline,
+        of the model entering the stage, or a checkpoint loaded into a fresh task model."""
+        choice = self.config.teacher
+        if choice == "baseline":
+            teacher = frozen_copy(context.baseline)
+        elif choice == "previous_stage":
+            teacher = frozen_copy(context.stage_input)
+        else:
+            teacher = load_teacher(context.make_model(), choice)
+        self.bind(teacher, context.forward)
+
+    @property
+    def task_loss_weight(self) -> float:
+        return self.config.task_weight
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The adapters' trainable parameters: add them to the optimizer with the student's.
@@ -463,10 +479,10 @@ class Distillation(Technique):
         return {k: float(v) for k, v in self._last.items()}
 
     def scalars(self) -> dict[str, float]:
-        """TensorBoard scalars ``distill/<term>`` (unweighted) and ``distill/total``."""
+        """Unweighted loss of each term and ``total`` (TensorBoard prefixes ``distill/``)."""
         if self._finalized:
             return {}
-        return {f"{self.kind}/{k}": v for k, v in self.last_losses().items()}
+        return dict(self.last_losses())
 
     def summary(self) -> TechniqueSummary:
         last = self.last_losses()

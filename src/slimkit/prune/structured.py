@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -44,7 +45,7 @@ from torch import nn
 from slimkit.core.config import Config
 from slimkit.core.schedules import AnySchedule, ConstantSchedule, Schedule
 from slimkit.core.scope import Selection
-from slimkit.core.technique import Technique, TechniqueSummary, register_technique
+from slimkit.core.technique import RunContext, Technique, TechniqueSummary, register_technique
 from slimkit.errors import ConfigError, StateError
 from slimkit.prune.allocation import AllocationStep, GroupCurve, greedy_path, path_sparsities
 from slimkit.prune.attention import ATTENTION_ADAPTERS, AttentionSpec
@@ -64,7 +65,7 @@ from slimkit.prune.groups import (
     trace_groups,
 )
 from slimkit.prune.manifest import PruningManifest
-from slimkit.prune.sensitivity import SensitivityReport, measure_sensitivity
+from slimkit.prune.sensitivity import SensitivityReport, measure_sensitivity, plot_sensitivity
 
 BISECTION_STEPS = 14  # sparsity resolution of max_layer_sparsity / 2**14 for target searches
 
@@ -170,6 +171,7 @@ class StructuredPruning(Technique):
         self.example_inputs = example_inputs
         self.evaluate = evaluate
         self.sensitivity = sensitivity
+        self.sensitivity_cache: Path | None = None  # JSON cache (+ PNG plot) of measured curves
         self.schedule = config.effective_schedule
         self.manifest: PruningManifest | None = None
         self.last_plan: StructuredPlan | None = None
@@ -180,6 +182,13 @@ class StructuredPruning(Technique):
         self._replaced = False
         self._inputs_used: tuple[tuple, dict] = ((), {})
         self._totals: dict[str, Any] = {}
+
+    def bind_run(self, context: RunContext) -> None:
+        """Measure sensitivity curves with the run's validation metric, cached in its folder."""
+        if self.evaluate is None:
+            self.evaluate = context.evaluate
+        if context.work_dir is not None and self.sensitivity_cache is None:
+            self.sensitivity_cache = Path(context.work_dir) / "sensitivity.json"
 
     @property
     def parameters_replaced(self) -> bool:
@@ -361,8 +370,15 @@ class StructuredPruning(Technique):
         if self.sensitivity is None and self.evaluate is not None:
             inputs = (*trace.args, trace.kwargs) if trace.kwargs else trace.args
             self.sensitivity = measure_sensitivity(
-                trace.model, inputs, self.evaluate, config=self.config, progress=False
+                trace.model,
+                inputs,
+                self.evaluate,
+                config=self.config,
+                progress=False,
+                cache=self.sensitivity_cache,
             )
+            if self.sensitivity_cache is not None:
+                plot_sensitivity(self.sensitivity, self.sensitivity_cache.with_suffix(".png"))
         if self.sensitivity is None:
             raise ConfigError(
                 f"{self.kind}: allocation 'sensitivity' needs curves: set sensitivity_file, or "

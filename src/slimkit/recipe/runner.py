@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimkit.core.compressor import Compressor
-from slimkit.core.technique import Technique
+from slimkit.core.technique import RunContext, Technique
 from slimkit.errors import CheckpointError, ConfigError
 from slimkit.export.onnx import export_onnx, optimized_op_counts
 from slimkit.export.packed import save_packed
@@ -37,6 +38,7 @@ from slimkit.measure.flops import count_macs
 from slimkit.measure.latency import compare_latency
 from slimkit.measure.ort_module import OrtModule
 from slimkit.measure.size import count_nonzero_parameters, count_parameters, dense_checkpoint_bytes
+from slimkit.prune.manifest import PruningManifest, save_pruned
 from slimkit.recipe.gate import gate_violations
 from slimkit.recipe.results import RunResult, StageResult
 from slimkit.recipe.schema import Recipe, TrainBudget, dump_recipe
@@ -112,6 +114,35 @@ def make_lr_schedule(
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
 
 
+def has_quantizers(model: nn.Module) -> bool:
+    """True when ``model`` carries slimkit fake-quant modules (not a plain model)."""
+    from slimkit.quant.fake import ActivationQuantizer, WeightQuantizer
+
+    return any(isinstance(m, (ActivationQuantizer, WeightQuantizer)) for m in model.modules())
+
+
+def make_training(
+    model: nn.Module,
+    budget: TrainBudget,
+    steps_per_epoch: int,
+    compressor: Compressor | None,
+    steps_done: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """Optimizer over the model's and the techniques' parameters, and the stage's learning-rate
+    decay positioned ``steps_done`` steps in (a rebuild after layers were sliced; the
+    optimizer's moments start afresh)."""
+    extra = list(compressor.parameters()) if compressor is not None else []
+    optimizer = make_optimizer(itertools.chain(model.parameters(), extra), budget)
+    decay = make_lr_schedule(optimizer, budget, steps_per_epoch)
+    if decay is not None and steps_done > 0:
+        total = max(1, budget.epochs * steps_per_epoch)
+        lr = budget.lr * (1 + math.cos(math.pi * min(steps_done, total) / total)) / 2
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        decay.last_epoch = steps_done
+    return optimizer, decay
+
+
 # Kernels that show ONNX Runtime runs (part of) the model in integer arithmetic.
 INT_OPS = frozenset(
     {
@@ -173,8 +204,9 @@ class Runner:
         if budget.epochs == 0:
             return 0
         task = self.task
-        optimizer = make_optimizer(model.parameters(), budget)
-        decay = make_lr_schedule(optimizer, budget, len(task.train_loader(0)))
+        task_weight = compressor.task_loss_weight if compressor is not None else 1.0
+        steps_per_epoch = len(task.train_loader(0))
+        optimizer, decay = make_training(model, budget, steps_per_epoch, compressor, 0)
         steps = 0
         progress = Progress(
             TextColumn(f"[bold]{label}[/]"),
@@ -195,6 +227,8 @@ class Runner:
                 for batch in task.train_loader(seed):
                     outputs = task.forward(model, batch)
                     loss = task.loss(outputs, batch)
+                    if task_weight != 1.0:
+                        loss = task_weight * loss
                     if compressor is not None:
                         loss = loss + compressor.loss(outputs, batch)
                     optimizer.zero_grad(set_to_none=True)
@@ -206,6 +240,10 @@ class Runner:
                     total, count = total + loss.item(), count + 1
                     if compressor is not None:
                         compressor.step()
+                        if compressor.parameters_replaced:  # structured pruning sliced layers
+                            optimizer, decay = make_training(
+                                model, budget, steps_per_epoch, compressor, steps
+                            )
                         if self.summaries is not None:
                             self.summaries.log_compressor(compressor)
                 if count == 0:
@@ -260,6 +298,16 @@ class Runner:
         torch.manual_seed(self.recipe.seed + index + 1)
         start = time.perf_counter()
         compressor = Compressor(list(stage.techniques), example_inputs=self.task.example_inputs)
+        context = RunContext(
+            baseline=self.baseline_model,
+            stage_input=model,
+            make_model=self.task.make_model,
+            forward=self.task.forward,
+            evaluate=lambda m: self.task.metric(m, self.task.val_loader),
+            work_dir=self.run_dir / "stages" / stage.name,
+        )
+        for technique in compressor.techniques:
+            technique.bind_run(context)
         compressor.apply(model)
         batches = TrainBatches(self.task, self.recipe.seed + index, stage.calibration_batches)
         compressor.before_training(batches, progress=self.show_progress)
@@ -271,6 +319,10 @@ class Runner:
             self.summaries.log_compressor(compressor, force=True)
         model = compressor.finalize()
         self.techniques.extend(compressor.techniques)
+        for technique in compressor.techniques:  # the small model's record: load_pruned rebuilds it
+            manifest = getattr(technique, "manifest", None)
+            if isinstance(manifest, PruningManifest) and not has_quantizers(model):
+                save_pruned(model, manifest, context.work_dir / "pruned")
         result = self.measure(model, stage.name, steps, time.perf_counter() - start, compressor)
         for summary in compressor.summaries():
             if self.show_progress:
@@ -417,6 +469,7 @@ class Runner:
             self.summaries = summaries
             model, base = self.baseline()
             baseline_model = copy.deepcopy(model)
+            self.baseline_model = baseline_model
             if measure_onnx:
                 self.stage_onnx(model, base, None)
             kept_model, kept = baseline_model, base

@@ -16,8 +16,10 @@ import yaml
 from pydantic import Field, model_validator
 
 from slimkit.core.config import Config
+from slimkit.distill.config import DistillationConfig
 from slimkit.errors import ConfigError
 from slimkit.prune.magnitude import MagnitudePruningConfig
+from slimkit.prune.structured import StructuredPruningConfig
 from slimkit.quant.dynamic import DynamicQuantConfig
 from slimkit.quant.ptq import StaticQuantizationConfig
 from slimkit.quant.qat import QATConfig
@@ -26,10 +28,12 @@ from slimkit.quant.weight_only import WeightOnlyConfig
 # Technique configs the recipe accepts, told apart by ``kind``; each new technique adds its own.
 TechniqueConfig = Annotated[
     MagnitudePruningConfig
+    | StructuredPruningConfig
     | StaticQuantizationConfig
     | QATConfig
     | DynamicQuantConfig
-    | WeightOnlyConfig,
+    | WeightOnlyConfig
+    | DistillationConfig,
     Field(discriminator="kind"),
 ]
 
