@@ -145,3 +145,24 @@ def test_an_existing_run_dir_is_refused_and_left_alone(
     assert f"run folder {run_dir} already exists and is not empty" in line
     assert [p.name for p in run_dir.iterdir()] == ["results.txt"]
     assert (run_dir / "results.txt").read_text() == "precious"
+
+
+def test_sensitivity_writes_curves_and_plot_then_refuses_a_used_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text(
+        "name: sens\nbaseline: {epochs: 1}\nstages:\n  - name: s\n    techniques:\n"
+        "      - {kind: structured_prune, sparsity: 0.5, importance: l2, round_to: 4}\n"
+    )
+    out = tmp_path / "curves"
+    assert main(["sensitivity", str(recipe), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "layer3.0.conv1" in printed
+    report = json.loads((out / "sensitivity.json").read_text())
+    assert report["selection"]["importance"] == "l2" and len(report["sparsities"]) == 9
+    assert (out / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["sensitivity", str(recipe), "--out", str(out), "--quiet"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"run folder {out} already exists and is not empty" in line

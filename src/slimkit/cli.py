@@ -79,6 +79,46 @@ def inspect(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")]) ->
 
 
 @app.command()
+def sensitivity(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file (its baseline and task)")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="new or empty folder (default runs/NAME-sensitivity)"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Per-layer sensitivity curves for structured pruning: sensitivity.json and .png.
+
+    Trains (or loads) the recipe's baseline, then prunes each channel group alone at sparsities
+    0.1..0.9 and measures the validation metric. The first structured_prune technique of the
+    recipe, if any, gives the scope, importance and round_to. Point that technique's
+    sensitivity_file at the JSON to reuse the curves.
+    """
+    from slimkit.prune.sensitivity import run_sensitivity
+    from slimkit.prune.structured import StructuredPruningConfig
+    from slimkit.recipe.runner import Runner, resolve_run_dir
+    from slimkit.recipe.schema import load_recipe
+
+    console = Console()
+    spec = load_recipe(recipe)
+    folder = resolve_run_dir(f"{spec.name}-sensitivity", out)
+    runner = Runner(spec, folder, console=console, progress=not quiet)
+    model, base = runner.baseline()
+    configs = [
+        t for s in spec.stages for t in s.techniques if isinstance(t, StructuredPruningConfig)
+    ]
+    files = run_sensitivity(
+        runner.task, model, folder, config=configs[0] if configs else None, progress=not quiet
+    )
+    report = files.report
+    console.print(str(report))
+    console.print(
+        f"baseline val {spec.task} {runner.task.metric_name}: {base.val_metric:.4f}; "
+        f"wrote {files.json} and {files.png}"
+    )
+
+
+@app.command()
 def bench(
     model: Annotated[Path, typer.Argument(help="ONNX model file")],
     batch: Annotated[

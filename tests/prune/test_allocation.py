@@ -13,6 +13,7 @@ from slimkit.prune.allocation import (
     greedy_path,
     predicted_drop,
     predicted_reduction,
+    trim_overshoot,
 )
 from slimkit.prune.channel_importance import global_prune_counts
 
@@ -109,3 +110,30 @@ def test_global_counts_refer_to_the_original_widths():
     assert [a + b for a, b in zip(first, rest, strict=True)] == one_shot
     # the cap counts what earlier passes removed
     assert global_prune_counts([torch.ones(2)], 0.9, 0.75, original=[8]) == [0]
+
+
+def additive_reaches(curves, target):
+    return lambda chosen: predicted_reduction(curves, chosen) >= target - 1e-12
+
+
+def test_trim_takes_back_an_overshooting_last_jump():
+    # b is cheap to prune but its only grid step removes 0.5 of the model at once
+    curves = {
+        "a": curve((0.01, 0.02, 0.03), (0.1, 0.2, 0.3)),
+        "b": GroupCurve((0.5,), (0.0,), (0.5,)),
+    }
+    overshooting = {"a": 0.75, "b": 0.5}  # reduction 0.8 for a target of 0.5
+    trimmed = trim_overshoot(curves, overshooting, additive_reaches(curves, 0.5))
+    assert trimmed == {"b": 0.5}  # a is not needed at all
+    assert predicted_reduction(curves, trimmed) == pytest.approx(0.5)
+    assert predicted_drop(curves, trimmed) < predicted_drop(curves, overshooting)
+
+
+def test_trim_keeps_an_allocation_that_is_already_tight_and_never_raises_the_drop():
+    curves = {"a": curve((0.01, 0.02, 0.03)), "b": curve((0.0, 0.5, 0.4))}
+    tight = {"a": 0.75, "b": 0.5}  # reduction exactly 0.5
+    assert trim_overshoot(curves, tight, additive_reaches(curves, 0.5)) == tight
+    # from b=0.75, stepping b to 0.5 would raise the predicted drop (0.4 -> 0.5): never chosen;
+    # b=0.25 reaches 0.4 and drops nothing
+    loose = {"a": 0.75, "b": 0.75}
+    assert trim_overshoot(curves, loose, additive_reaches(curves, 0.4)) == {"a": 0.75, "b": 0.25}

@@ -15,7 +15,7 @@ the cost by measuring pruned copies along the same greedy path.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +124,35 @@ def allocate_sensitivity(
         )
     taken = next((k + 1 for k, s in enumerate(path) if s.reduction >= target - 1e-12), 0)
     return {**dict.fromkeys(curves, 0.0), **path_sparsities(path[:taken])}
+
+
+def trim_overshoot(
+    curves: Mapping[str, GroupCurve],
+    sparsities: Mapping[str, float],
+    reaches: Callable[[dict[str, float]], bool],
+) -> dict[str, float]:
+    """Step groups back to lower grid points while ``reaches(candidate)`` (the target) holds.
+
+    Each round tries every group's every lower grid point (0 included) and keeps the candidate
+    that lowers the predicted drop most (never one predicted to drop more); it stops when no
+    candidate still reaches the target.
+    Greedy paths overshoot when their last jump is large; this takes the excess back.
+    """
+    current = dict(sparsities)
+    while True:
+        best: tuple[float, dict[str, float]] | None = None
+        base_drop = predicted_drop(curves, current)
+        for root, sparsity in current.items():
+            for lower in (0.0, *(p for p in curves[root].sparsities if p < sparsity - 1e-12)):
+                candidate = {**current, root: lower}
+                saved = base_drop - predicted_drop(curves, candidate)
+                if saved < 0.0 or (best is not None and saved <= best[0]):
+                    continue  # predicted worse, or no better than the best candidate so far
+                if reaches(candidate):
+                    best = (saved, candidate)
+        if best is None:
+            return current
+        current = {r: s for r, s in best[1].items() if s > 0.0}
 
 
 def predicted_drop(curves: Mapping[str, GroupCurve], sparsities: Mapping[str, float]) -> float:

@@ -47,7 +47,14 @@ from slimkit.core.schedules import AnySchedule, ConstantSchedule, Schedule
 from slimkit.core.scope import Selection
 from slimkit.core.technique import RunContext, Technique, TechniqueSummary, register_technique
 from slimkit.errors import ConfigError, StateError
-from slimkit.prune.allocation import AllocationStep, GroupCurve, greedy_path, path_sparsities
+from slimkit.prune.allocation import (
+    AllocationStep,
+    GroupCurve,
+    greedy_path,
+    path_sparsities,
+    predicted_drop,
+    trim_overshoot,
+)
 from slimkit.prune.attention import ATTENTION_ADAPTERS, AttentionSpec
 from slimkit.prune.channel_importance import global_prune_counts
 from slimkit.prune.groups import (
@@ -341,7 +348,36 @@ class StructuredPruning(Technique):
         i = self._search(trace, state, value, metric, removals_at, len(path) - start + 1)
         state.prefix = start + i
         state.predicted_drop = path[state.prefix - 1].drop if state.prefix else 0.0
-        return removals_at(i)
+        if value < self.schedule.final_value - 1e-12:  # iterative: stay on the greedy path
+            return removals_at(i)
+        # The path's last jump can overshoot the target by a lot (coarse grids, rounding to
+        # round_to): step groups back down the grid while the measured reduction still holds.
+        sparsities = path_sparsities(path[: state.prefix])
+
+        def removals(chosen: dict[str, float]) -> dict[str, int]:
+            return {
+                root: removal_count(
+                    g.plan.units,
+                    state.original.get(root, g.plan.units),
+                    chosen.get(root, 0.0),
+                    self.config.round_to,
+                    heads=g.spec is not None,
+                )
+                for root, g in groups.items()
+            }
+
+        memo: dict[tuple, bool] = {}
+
+        def reaches(chosen: dict[str, float]) -> bool:
+            counts = removals(chosen)
+            key = tuple(sorted((r, n) for r, n in counts.items() if n))
+            if key not in memo:
+                memo[key] = trace.cost(counts).reduction(state.baseline, metric) >= value - 1e-12
+            return memo[key]
+
+        sparsities = trim_overshoot(curves, sparsities, reaches)
+        state.predicted_drop = predicted_drop(curves, sparsities)
+        return removals(sparsities)
 
     def _curves(self, trace: GroupTrace, state: _Progress, metric: str) -> dict[str, GroupCurve]:
         report = self._sensitivity(trace)
