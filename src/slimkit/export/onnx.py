@@ -14,7 +14,7 @@ import inspect
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +82,16 @@ def export_onnx(
     dynamic_batch: bool = True,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` and return the path.
 
     The model is exported in eval mode and each module's training flag is restored afterwards.
     Inputs default to ``input`` / ``input_0..`` and outputs to ``output`` / ``output_0..``; with
-    ``dynamic_batch`` axis 0 of every input and output is named ``batch``. Exporter failures are
-    raised as :class:`UnsupportedModuleError` (an operator ONNX cannot express) or
+    ``dynamic_batch`` axis 0 of every input and output is named ``batch``. ``dynamic_axes``
+    names more dynamic axes per input/output name, e.g. ``{"input_ids": {1: "sequence"}}``
+    for a variable sequence length (an unknown name is a :class:`ConfigError`). Exporter
+    failures are raised as :class:`UnsupportedModuleError` (an operator ONNX cannot express) or
     :class:`SlimkitError` (anything else), with a one-line message naming the model class.
     """
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -107,10 +110,17 @@ def export_onnx(
         out_tensors = list(_tensor_leaves(outputs))
         in_names = _names(input_names, len(in_tensors), "input", "input_names")
         out_names = _names(output_names, len(out_tensors), "output", "output_names")
-        dynamic_axes = None
+        axes: dict[str, dict[int, str]] = {}
         if dynamic_batch:
             named = zip(in_names + out_names, in_tensors + out_tensors, strict=True)
-            dynamic_axes = {name: {0: "batch"} for name, t in named if t.dim() > 0}
+            axes = {name: {0: "batch"} for name, t in named if t.dim() > 0}
+        for name, extra in (dynamic_axes or {}).items():
+            if name not in in_names + out_names:
+                raise ConfigError(
+                    f"dynamic_axes names {name!r}, not an input or output "
+                    f"({', '.join(in_names + out_names)})"
+                )
+            axes[name] = {**axes.get(name, {}), **{int(k): str(v) for k, v in extra.items()}}
         kwargs: dict[str, Any] = {}
         if "dynamo" in inspect.signature(torch.onnx.export).parameters:
             kwargs["dynamo"] = False
@@ -126,7 +136,7 @@ def export_onnx(
                         opset_version=opset,
                         input_names=in_names,
                         output_names=out_names,
-                        dynamic_axes=dynamic_axes,
+                        dynamic_axes=axes or None,
                         do_constant_folding=True,
                         **kwargs,
                     )

@@ -7,6 +7,11 @@ zero point 0). The graph is then cleaned so that ONNX Runtime's QDQ fusions appl
 
 * every constant subgraph except ``DequantizeLinear`` is folded, so each weight is an int8
   initializer feeding a ``DequantizeLinear``;
+* ``QuantizeLinear`` nodes that quantize the same tensor with equal constant qparams (the
+  inputs of the Q, K and V projections) are merged, so the tensor is quantized once;
+* a ``Transpose`` of a dequantized constant weight (a Linear on 3-D inputs exports as
+  ``MatMul(x, W.T)``) is folded into the int8 codes, with the per-channel axis moved along, so
+  the ``MatMul`` reads ``DequantizeLinear`` directly;
 * the (already rounded) float bias of a Conv/Gemm whose input and weight are dequantized is
   stored as int32 codes on the grid ``input_scale * weight_scale`` behind a
   ``DequantizeLinear``, as ``QLinearConv``/``QGemm`` expect.
@@ -18,6 +23,11 @@ into ``QLinearConv``, residual adds into ``QLinearAdd``, global average pooling 
 ``QuantizeLinear`` is followed by a ``Clip`` to 127 on the uint8 codes, which ONNX Runtime keeps
 as a separate op; the convolutions still fuse. Ops slimkit does not quantize (SiLU, Sigmoid,
 Mul, ...) run in float between ``DequantizeLinear`` and ``QuantizeLinear``.
+
+Models quantized with ``StaticQuantization(mode="hooks")`` (transformers) have quantized Linear
+inputs and float outputs: ``Q -> DQ -> MatMul`` with a ``DQ`` weight and no ``Q`` after it,
+which ONNX Runtime fuses into ``MatMulIntegerToFloat`` (2-D inputs: ``Gemm`` -> ``QGemm`` with
+float output); the bias ``Add``, GELU, LayerNorm and attention stay float.
 """
 
 from __future__ import annotations
@@ -39,7 +49,13 @@ from slimkit.export.onnx import PathLike, export_onnx
 from slimkit.io import atomic_path
 from slimkit.quant.fake import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 
-__all__ = ["export_qdq", "fold_constants", "quantize_biases"]
+__all__ = [
+    "export_qdq",
+    "fold_constants",
+    "fold_weight_transposes",
+    "merge_duplicate_quantizers",
+    "quantize_biases",
+]
 
 _QUANTIZERS = (ActivationQuantizer, WeightQuantizer, BiasQuantizer)
 _INT32 = (-(2**31), 2**31 - 1)
@@ -77,8 +93,12 @@ def export_qdq(
     *,
     opset: int = 17,
     dynamic_batch: bool = True,
+    **export_options: Any,
 ) -> Path:
     """Write the calibrated fake-quant ``model`` as an ONNX QDQ model at ``path``; return it.
+
+    ``export_options`` (``input_names``, ``output_names``, ``dynamic_axes``) go to
+    :func:`slimkit.export.onnx.export_onnx`.
 
     Raises :class:`StateError` when the model has no quantizers or is not calibrated, and
     :class:`ConfigError` for quantizers of fewer than 8 bits (emulation only) or ``opset < 13``
@@ -98,9 +118,12 @@ def export_qdq(
             Path(folder) / "raw.onnx",
             opset=opset,
             dynamic_batch=dynamic_batch,
+            **export_options,
         )
         proto = onnx.load(str(raw))
     fold_constants(proto)
+    merge_duplicate_quantizers(proto)
+    fold_weight_transposes(proto)
     quantize_biases(proto)
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -133,6 +156,98 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in added.items())
+    _drop_unused_initializers(graph)
+    return model
+
+
+def merge_duplicate_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep one of several ``QuantizeLinear`` nodes with the same input and equal constant
+    scale, zero point and attributes; readers of the others read the first. Returns ``model``.
+    """
+    graph = model.graph
+    values = _constants(graph)
+    outputs = {out.name for out in graph.output}
+    first: dict[tuple, str] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        qparams = [values.get(name) for name in node.input[1:]]
+        mergeable = node.op_type == "QuantizeLinear" and node.output[0] not in outputs
+        if not mergeable or any(v is None for v in qparams):
+            kept.append(node)
+            continue
+        key = (
+            node.input[0],
+            tuple((v.dtype.str, v.shape, v.tobytes()) for v in qparams),
+            tuple(sorted(a.SerializeToString() for a in node.attribute)),
+        )
+        if key in first:
+            renamed[node.output[0]] = first[key]
+            continue
+        first[key] = node.output[0]
+        kept.append(node)
+    if not renamed:
+        return model
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _drop_unused_initializers(graph)
+    return model
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold ``codes -> DequantizeLinear -> Transpose`` into ``codes.T -> DequantizeLinear``.
+
+    Only where the codes, scale and zero point are initializers and the ``Transpose`` is the
+    dequantized weight's only reader; a per-axis ``DequantizeLinear`` gets the axis the
+    transpose moves its axis to. Returns ``model`` (changed in place).
+    """
+    graph = model.graph
+    values = _constants(graph)
+    nodes = list(graph.node)
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(index)
+    outputs = {out.name for out in graph.output}
+    replaced: dict[int, onnx.NodeProto | None] = {}  # node index -> replacement (None: drop)
+    for index, dq in enumerate(nodes):
+        users = readers.get(dq.output[0], []) if dq.op_type == "DequantizeLinear" else []
+        if len(users) != 1 or nodes[users[0]].op_type != "Transpose":
+            continue
+        if dq.output[0] in outputs or not all(name in values for name in dq.input if name):
+            continue
+        transpose, codes = nodes[users[0]], values[dq.input[0]]
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        perm = list(range(codes.ndim))[::-1] if perm is None else perm
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        scale = values[dq.input[1]]
+        if scale.size > 1:
+            attrs["axis"] = perm.index(attrs.get("axis", 1) % codes.ndim)
+        stem = f"{dq.input[0]}_transposed"
+        while stem in values:
+            stem += "_"
+        values[stem] = codes
+        graph.initializer.append(
+            numpy_helper.from_array(np.ascontiguousarray(codes.transpose(perm)), stem)
+        )
+        replaced[index] = None
+        replaced[users[0]] = helper.make_node(
+            "DequantizeLinear",
+            [stem, *dq.input[1:]],
+            [transpose.output[0]],
+            name=f"{stem}_DequantizeLinear",
+            **attrs,
+        )
+    if not replaced:
+        return model
+    kept = [replaced.get(i, node) for i, node in enumerate(nodes)]
+    kept = [node for node in kept if node is not None]
+    del graph.node[:]
+    graph.node.extend(kept)
     _drop_unused_initializers(graph)
     return model
 

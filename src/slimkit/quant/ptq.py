@@ -22,6 +22,15 @@ Selected Conv/Linear layers get a per-channel int8 symmetric
 as parametrizations. Activations are uint8 asymmetric. ``reduce_range`` uses 7-bit activations
 (codes 0..127) for x86 CPUs without VNNI, where u8 x s8 products summed in pairs can saturate
 int16; leave it False on VNNI/AVX512-VNNI, ARM and GPUs.
+
+``mode="hooks"`` is for models ``torch.fx`` cannot trace (Hugging Face transformers, Python
+control flow): no graph is traced; a forward pre-hook quantizes the input of every selected
+Conv/Linear (:mod:`slimkit.quant.input_quant`) and outputs, adds and pools stay float. Exported
+with :func:`slimkit.export.qdq.export_qdq`, each Linear becomes ``Q -> DQ -> MatMul`` with a
+``DQ`` int8 weight and no ``Q`` on the output, which ONNX Runtime runs as
+``MatMulIntegerToFloat`` (``QGemm`` with float output for 2-D inputs); that is where a
+transformer's time goes. Convs in this mode are emulated, but ONNX Runtime has no integer
+kernel for a Conv without a quantized output, so they run in float there.
 """
 
 from __future__ import annotations
@@ -60,6 +69,11 @@ from slimkit.quant.fake import (
     weight_spec,
 )
 from slimkit.quant.fold import fold_batchnorm_
+from slimkit.quant.input_quant import (
+    add_input_quantizer,
+    input_quantizer_of,
+    remove_input_quantizers,
+)
 from slimkit.quant.observers import make_observer
 
 __all__ = [
@@ -72,6 +86,7 @@ __all__ = [
 
 QUANTIZER_DICT = "activation_quantizers"
 ObserverName = Literal["minmax", "moving_average", "percentile", "mse", "entropy"]
+Mode = Literal["graph", "hooks"]
 
 # Roles of graph nodes. pool/add/weighted ops get quantized inputs and outputs; an "act" right
 # after one fuses into it; "identity" is skipped over; "pass" ops reuse their input's quantizer.
@@ -102,6 +117,10 @@ class StaticQuantizationConfig(Config):
     (e.g. ``{"percentile": 99.9}``). ``per_channel`` gives each output channel its own weight
     scale. ``post_quant`` also quantizes model outputs (False keeps float logits; ``QGemm``
     still runs in int8). ``reduce_range`` uses 7-bit activations, for x86 CPUs without VNNI.
+    ``mode``: ``"graph"`` traces the model with ``torch.fx`` and quantizes the dataflow (inputs,
+    outputs, residual adds, pools); ``"hooks"`` quantizes only the inputs of the selected layers
+    through forward pre-hooks, for models ``torch.fx`` cannot trace (``post_quant`` applies to
+    graph mode only: hooks leave every output float).
     """
 
     kind: Literal["static_quant"] = "static_quant"
@@ -113,6 +132,7 @@ class StaticQuantizationConfig(Config):
     fp32_layers: tuple[str, ...] = ()
     post_quant: bool = True
     reduce_range: bool = False
+    mode: Mode = "graph"
 
     @model_validator(mode="after")
     def _check(self) -> StaticQuantizationConfig:
@@ -289,26 +309,44 @@ class StaticQuantization(Technique):
             return
         if hasattr(model, QUANTIZER_DICT):
             raise StateError(f"{self.kind}: the model already has {QUANTIZER_DICT}")
+        if quantized := [n for n, m in model.named_modules() if input_quantizer_of(m) is not None]:
+            raise StateError(f"{self.kind}: {quantized[0]!r} already has an input quantizer")
         selection = self.plan(model)
         fold_batchnorm_(model)
-        try:
-            graph = fx.Tracer().trace(model)
-        except Exception as exc:
-            raise UnsupportedModuleError(
-                f"{self.kind}: {type(model).__name__} cannot be traced by torch.fx "
-                f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}); "
-                "static quantization needs the model's dataflow"
-            ) from exc
-        self._inputs_of = _insert_quantizers(model, graph, set(selection.names), self.config)
+        if self.config.mode == "hooks":
+            self._inputs_of = self._insert_input_hooks(model, selection)
+        else:
+            try:
+                graph = fx.Tracer().trace(model)
+            except Exception as exc:
+                raise UnsupportedModuleError(
+                    f"{self.kind}: {type(model).__name__} cannot be traced by torch.fx "
+                    f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}); "
+                    "static quantization needs the model's dataflow, or mode='hooks' to "
+                    "quantize only the inputs of Conv/Linear layers"
+                ) from exc
+            self._inputs_of = _insert_quantizers(model, graph, set(selection.names), self.config)
         wspec = weight_spec(self.config.bits, per_channel=self.config.per_channel)
         for _, module in selection.selected:
             add_weight_quantizers(module, wspec)
-        graph_module = fx.GraphModule(model, graph, class_name=type(model).__name__)
-        object.__setattr__(model, "forward", graph_module.forward)
+        if self.config.mode == "graph":
+            graph_module = fx.GraphModule(model, graph, class_name=type(model).__name__)
+            object.__setattr__(model, "forward", graph_module.forward)
         self.selection, self._model = selection, model
 
+    def _insert_input_hooks(self, model: nn.Module, selection: Selection) -> dict[str, str]:
+        """An ``input_quantizer`` and its pre-hook on each selected layer; {layer: layer}."""
+        config = self.config
+        spec = activation_spec(config.bits, reduce_range=config.reduce_range)
+        for _, module in selection.selected:
+            quantizer = ActivationQuantizer(spec, config.observer, **dict(config.observer_options))
+            add_input_quantizer(module, quantizer)
+        return {name: name for name in selection.names}
+
     def _activation_quantizers(self) -> dict[str, ActivationQuantizer]:
-        self._require_applied()
+        selection = self._require_applied()
+        if self.config.mode == "hooks":  # keyed by layer name
+            return {name: input_quantizer_of(module) for name, module in selection.selected}
         return dict(getattr(self._model, QUANTIZER_DICT).items())
 
     @torch.no_grad()
@@ -431,8 +469,10 @@ def quantize_static(
 
 
 def strip_quantization(model: nn.Module) -> nn.Module:
-    """Undo ``apply`` in place: drop quantizers and the traced forward (BatchNorm stays folded)."""
+    """Undo ``apply`` in place: drop quantizers, input hooks and the traced forward (BatchNorm
+    stays folded)."""
     model.__dict__.pop("forward", None)
+    remove_input_quantizers(model)
     if QUANTIZER_DICT in model._modules:
         del model._modules[QUANTIZER_DICT]
     for module in model.modules():
