@@ -166,3 +166,26 @@ def test_sensitivity_writes_curves_and_plot_then_refuses_a_used_folder(
     assert main(["sensitivity", str(recipe), "--out", str(out), "--quiet"]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert f"run folder {out} already exists and is not empty" in line
+
+
+def test_inspect_shows_structured_groups_widths_and_coupled_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "300")
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "stages:\n  - name: s\n    techniques:\n"
+        "      - {kind: structured_prune, sparsity: 0.5, round_to: 8}\n"
+    )
+    assert main(["inspect", str(path)]) == 0
+    rows = {
+        cells[3].strip(): [c.strip() for c in cells]
+        for line in capsys.readouterr().out.splitlines()
+        if "│" in line and (cells := line.split("│"))[3].strip()
+    }
+    assert rows["fc"][5] == "skip" and "output layer" in rows["fc"][6]
+    conv1 = rows["conv1"]
+    assert conv1[5] == "touch"
+    assert conv1[7].startswith("16 channels -> 8; coupled: bn1:out")
+    assert "layer1.0.conv1:in" in conv1[7]
+    assert rows["layer3.0.conv1"][7].startswith("64 channels -> 32")
