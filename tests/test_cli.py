@@ -79,7 +79,9 @@ def test_missing_recipe_path_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_usage_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compress"]) == 2
     err = capsys.readouterr().err
-    assert "Missing argument" in err and "Traceback" not in err
+    assert "give a recipe file, or --resume RUN_DIR" in err and "Traceback" not in err
+    assert main(["compress", "--run-dir"]) == 2
+    assert "requires an argument" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert "No such command" in capsys.readouterr().err
     assert main(["--help"]) == 0

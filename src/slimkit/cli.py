@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from slimkit.errors import SlimkitError
+from slimkit.errors import ConfigError, SlimkitError
 
 app = typer.Typer(
     name="slimkit",
@@ -39,13 +39,22 @@ def builtin_recipe_path(name: str) -> Path:
     return Path(str(resources.files("slimkit.recipe") / "builtin" / f"{name}.yaml"))
 
 
-def _run(recipe_path: Path, run_dir: Path | None, quiet: bool) -> None:
-    from slimkit.recipe.runner import run_recipe
+def _run(
+    recipe_path: Path | None, run_dir: Path | None, quiet: bool, resume: Path | None = None
+) -> None:
+    from slimkit.recipe.runner import resume_run, run_recipe
     from slimkit.recipe.schema import load_recipe
 
     console = Console()
-    recipe = load_recipe(recipe_path)
-    result = run_recipe(recipe, run_dir, progress=not quiet, console=console)
+    recipe = load_recipe(recipe_path) if recipe_path is not None else None
+    if resume is not None:
+        if run_dir is not None:
+            raise ConfigError("--resume continues RUN_DIR in place; do not give --run-dir too")
+        result = resume_run(resume, recipe, progress=not quiet, console=console)
+    elif recipe is None:
+        raise ConfigError("give a recipe file, or --resume RUN_DIR")
+    else:
+        result = run_recipe(recipe, run_dir, progress=not quiet, console=console)
     console.print(str(result), end="")
     console.print(f"run folder: {result.run_dir}  (metrics.json, tensorboard/, packed model)")
 
@@ -61,12 +70,20 @@ def demo(
 
 @app.command()
 def compress(
-    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    recipe: Annotated[Path | None, typer.Argument(help="recipe YAML file")] = None,
     run_dir: RunDir = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="continue the run in this folder from its last checkpoint (at most one epoch "
+            "of work is redone)",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
     """Run a recipe: baseline, compression stages, export, report."""
-    _run(recipe, run_dir, quiet)
+    _run(recipe, run_dir, quiet, resume)
 
 
 @app.command()

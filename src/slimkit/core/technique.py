@@ -136,6 +136,12 @@ class Technique(abc.ABC):
         """
         return None
 
+    def rebuild(self, model: nn.Module) -> nn.Module:
+        """Resume support: after ``load_state_dict``, give a fresh ``model`` (as it entered the
+        technique's stage) the structure ``finalize`` left, so the saved weights load into it.
+        Techniques whose finalized model is the plain architecture return it unchanged."""
+        return model
+
     def scalars(self) -> dict[str, float]:
         """Scalars for TensorBoard (``tag -> value``); empty by default."""
         return {}

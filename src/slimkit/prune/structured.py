@@ -71,7 +71,7 @@ from slimkit.prune.groups import (
     split_inputs,
     trace_groups,
 )
-from slimkit.prune.manifest import PruningManifest
+from slimkit.prune.manifest import PruningManifest, apply_manifest
 from slimkit.prune.sensitivity import SensitivityReport, measure_sensitivity, plot_sensitivity
 
 BISECTION_STEPS = 14  # sparsity resolution of max_layer_sparsity / 2**14 for target searches
@@ -196,6 +196,12 @@ class StructuredPruning(Technique):
             self.evaluate = context.evaluate
         if context.work_dir is not None and self.sensitivity_cache is None:
             self.sensitivity_cache = Path(context.work_dir) / "sensitivity.json"
+
+    def rebuild(self, model: nn.Module) -> nn.Module:
+        """Slice a fresh model as the recorded manifest says (what ``load_pruned`` does)."""
+        if self.manifest is not None:
+            apply_manifest(model, self.manifest)
+        return model
 
     @property
     def parameters_replaced(self) -> bool:

@@ -36,6 +36,7 @@ kernel for a Conv without a quantized output, so they run in float there.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import operator
 from collections.abc import Iterable
@@ -120,7 +121,10 @@ class StaticQuantizationConfig(Config):
     ``mode``: ``"graph"`` traces the model with ``torch.fx`` and quantizes the dataflow (inputs,
     outputs, residual adds, pools); ``"hooks"`` quantizes only the inputs of the selected layers
     through forward pre-hooks, for models ``torch.fx`` cannot trace (``post_quant`` applies to
-    graph mode only: hooks leave every output float).
+    graph mode only: hooks leave every output float). ``embeddings`` also stores the weights of
+    the ``nn.Embedding`` modules in scope as int8, weight-only (symmetric, one scale per
+    embedding dimension with ``per_channel``): ONNX Runtime gathers int8 rows and dequantizes
+    only those (a transformer's word-embedding table is often most of its size).
     """
 
     kind: Literal["static_quant"] = "static_quant"
@@ -133,6 +137,7 @@ class StaticQuantizationConfig(Config):
     post_quant: bool = True
     reduce_range: bool = False
     mode: Mode = "graph"
+    embeddings: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> StaticQuantizationConfig:
@@ -275,11 +280,12 @@ class StaticQuantization(Technique):
         self.calibrated = False
 
     def plan(self, model: nn.Module) -> Selection:
+        embeddings = self.config.embeddings
         selection = self.config.scope.select(
             model,
-            is_weight_layer,
+            lambda m: is_weight_layer(m) or (embeddings and isinstance(m, nn.Embedding)),
             technique=self.kind,
-            describe_supported=WEIGHT_LAYER_NAMES,
+            describe_supported=WEIGHT_LAYER_NAMES + (", Embedding" if embeddings else ""),
         )
         named = list(model.named_modules())
         for rule in self.config.fp32_layers:
@@ -313,8 +319,9 @@ class StaticQuantization(Technique):
             raise StateError(f"{self.kind}: {quantized[0]!r} already has an input quantizer")
         selection = self.plan(model)
         fold_batchnorm_(model)
+        layers = [(n, m) for n, m in selection.selected if not isinstance(m, nn.Embedding)]
         if self.config.mode == "hooks":
-            self._inputs_of = self._insert_input_hooks(model, selection)
+            self._inputs_of = self._insert_input_hooks(model, layers)
         else:
             try:
                 graph = fx.Tracer().trace(model)
@@ -325,28 +332,33 @@ class StaticQuantization(Technique):
                     "static quantization needs the model's dataflow, or mode='hooks' to "
                     "quantize only the inputs of Conv/Linear layers"
                 ) from exc
-            self._inputs_of = _insert_quantizers(model, graph, set(selection.names), self.config)
+            names = {name for name, _ in layers}
+            self._inputs_of = _insert_quantizers(model, graph, names, self.config)
         wspec = weight_spec(self.config.bits, per_channel=self.config.per_channel)
+        columns = dataclasses.replace(wspec, axis=1)  # an Embedding's channels: its columns
         for _, module in selection.selected:
-            add_weight_quantizers(module, wspec)
+            add_weight_quantizers(module, columns if isinstance(module, nn.Embedding) else wspec)
         if self.config.mode == "graph":
             graph_module = fx.GraphModule(model, graph, class_name=type(model).__name__)
             object.__setattr__(model, "forward", graph_module.forward)
         self.selection, self._model = selection, model
 
-    def _insert_input_hooks(self, model: nn.Module, selection: Selection) -> dict[str, str]:
-        """An ``input_quantizer`` and its pre-hook on each selected layer; {layer: layer}."""
+    def _insert_input_hooks(
+        self, model: nn.Module, layers: list[tuple[str, nn.Module]]
+    ) -> dict[str, str]:
+        """An ``input_quantizer`` and its pre-hook on each of ``layers``; {layer: layer}."""
         config = self.config
         spec = activation_spec(config.bits, reduce_range=config.reduce_range)
-        for _, module in selection.selected:
+        for _, module in layers:
             quantizer = ActivationQuantizer(spec, config.observer, **dict(config.observer_options))
             add_input_quantizer(module, quantizer)
-        return {name: name for name in selection.names}
+        return {name: name for name, _ in layers}
 
     def _activation_quantizers(self) -> dict[str, ActivationQuantizer]:
         selection = self._require_applied()
         if self.config.mode == "hooks":  # keyed by layer name
-            return {name: input_quantizer_of(module) for name, module in selection.selected}
+            found = ((name, input_quantizer_of(module)) for name, module in selection.selected)
+            return {name: quantizer for name, quantizer in found if quantizer is not None}
         return dict(getattr(self._model, QUANTIZER_DICT).items())
 
     @torch.no_grad()
@@ -381,6 +393,13 @@ class StaticQuantization(Technique):
         if seen == 0:
             raise ConfigError("calibration loader yielded no batches")
         self._freeze()
+        return model
+
+    def rebuild(self, model: nn.Module) -> nn.Module:
+        """Fold, trace and insert quantizers again; calibrated qparams load with the weights."""
+        calibrated = self.calibrated
+        self.apply(model)
+        self.calibrated = calibrated
         return model
 
     def after_training(
@@ -418,8 +437,9 @@ class StaticQuantization(Technique):
         quantizers = self._activation_quantizers()
         rows = []
         for name, module in selection.selected:
-            q = quantizers[self._inputs_of[name]]
-            qparams = [float(q.scale), int(q.zero_point)] if q.is_calibrated else [None, None]
+            q = quantizers.get(self._inputs_of.get(name, ""))  # None: an Embedding (weight only)
+            calibrated = q is not None and q.is_calibrated
+            qparams = [float(q.scale), int(q.zero_point)] if calibrated else [None, None]
             rows.append([name, module_type_name(module), self.config.bits, *qparams])
         totals = {"layers": len(rows), "activation_quantizers": len(quantizers)}
         return TechniqueSummary(

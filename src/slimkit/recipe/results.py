@@ -39,6 +39,17 @@ class StageResult:
     onnx: dict[str, Any] | None = None
     gate: dict[str, Any] | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageResult:
+        """Inverse of ``asdict`` after a JSON round trip (batch-size keys back to int)."""
+        onnx = data.get("onnx")
+        if onnx:
+            onnx = dict(onnx)
+            for key in ("latency_ms", "latency_ratio"):
+                if key in onnx:
+                    onnx[key] = {int(b): v for b, v in onnx[key].items()}
+        return cls(**{**data, "onnx": onnx})
+
 
 @dataclass
 class RunResult:

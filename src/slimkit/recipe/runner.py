@@ -19,6 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from slimkit.measure.latency import compare_latency
 from slimkit.measure.ort_module import OrtModule
 from slimkit.measure.size import count_nonzero_parameters, count_parameters, dense_checkpoint_bytes
 from slimkit.prune.manifest import PruningManifest, save_pruned
+from slimkit.recipe.checkpoints import RunCheckpoints, recipe_fingerprint
 from slimkit.recipe.gate import gate_violations
 from slimkit.recipe.results import RunResult, StageResult
 from slimkit.recipe.schema import Recipe, TrainBudget, dump_recipe
@@ -191,6 +193,8 @@ class Runner:
         self.summaries: CompressionSummaries | None = None
         self.global_step = 0
         self.techniques: list[Technique] = []  # every stage's, in order (for the export form)
+        self.stage_states: list[dict[str, Any]] = []
+        self.checkpoints = RunCheckpoints(run_dir)
 
     # --- training -------------------------------------------------------------------------
     def train(
@@ -199,15 +203,27 @@ class Runner:
         budget: TrainBudget,
         label: str,
         compressor: Compressor | None = None,
+        resume_from: dict[str, Any] | None = None,
     ) -> int:
-        """Train ``budget.epochs`` epochs; step the compressor after every optimizer step."""
+        """Train ``budget.epochs`` epochs; step the compressor after every optimizer step.
+
+        After every epoch the part's progress is checkpointed; ``resume_from`` (such a
+        checkpoint, its model and compressor state already loaded) continues after its epoch.
+        """
         if budget.epochs == 0:
             return 0
         task = self.task
         task_weight = compressor.task_loss_weight if compressor is not None else 1.0
         steps_per_epoch = len(task.train_loader(0))
         optimizer, decay = make_training(model, budget, steps_per_epoch, compressor, 0)
-        steps = 0
+        steps, first_epoch = 0, 0
+        if resume_from is not None:
+            optimizer.load_state_dict(resume_from["optimizer"])
+            if decay is not None and resume_from["decay"] is not None:
+                decay.load_state_dict(resume_from["decay"])
+            steps, first_epoch = int(resume_from["steps"]), int(resume_from["epoch"])
+            self.global_step = int(resume_from["global_step"])
+            torch.set_rng_state(resume_from["rng"])
         progress = Progress(
             TextColumn(f"[bold]{label}[/]"),
             BarColumn(),
@@ -219,8 +235,10 @@ class Runner:
             transient=False,
         )
         with progress:
-            bar = progress.add_task(label, total=budget.epochs, loss=float("nan"))
-            for epoch in range(budget.epochs):
+            bar = progress.add_task(
+                label, total=budget.epochs, completed=first_epoch, loss=float("nan")
+            )
+            for epoch in range(first_epoch, budget.epochs):
                 model.train()
                 total, count = 0.0, 0
                 seed = self.recipe.seed * 1000 + self.global_step + epoch
@@ -253,6 +271,19 @@ class Runner:
                         {f"{label}/loss": total / count}, self.global_step + steps
                     )
                 progress.update(bar, advance=1, loss=total / count)
+                self.checkpoints.save_progress(
+                    {
+                        "part": label,
+                        "epoch": epoch + 1,
+                        "steps": steps,
+                        "global_step": self.global_step,
+                        "model": model.state_dict(),
+                        "compressor": compressor.state_dict() if compressor else None,
+                        "optimizer": optimizer.state_dict(),
+                        "decay": decay.state_dict() if decay is not None else None,
+                        "rng": torch.get_rng_state(),
+                    }
+                )
         self.global_step += steps
         return steps
 
@@ -281,7 +312,7 @@ class Runner:
         )
 
     # --- the run --------------------------------------------------------------------------
-    def baseline(self) -> tuple[nn.Module, StageResult]:
+    def baseline(self, resume_from: dict[str, Any] | None = None) -> tuple[nn.Module, StageResult]:
         cfg = self.recipe.baseline
         torch.manual_seed(self.recipe.seed)
         model = self.task.make_model()
@@ -290,10 +321,14 @@ class Runner:
         if cfg.checkpoint:
             load_into(model, load_state_dict_file(cfg.checkpoint), cfg.checkpoint)
         else:
-            steps = self.train(model, cfg, "baseline")
+            if resume_from is not None:
+                load_into(model, resume_from["model"], "progress.pt")
+            steps = self.train(model, cfg, "baseline", resume_from=resume_from)
         return model, self.measure(model, "baseline", steps, time.perf_counter() - start)
 
-    def run_stage(self, model: nn.Module, index: int) -> tuple[nn.Module, StageResult]:
+    def run_stage(
+        self, model: nn.Module, index: int, resume_from: dict[str, Any] | None = None
+    ) -> tuple[nn.Module, StageResult]:
         stage = self.recipe.stages[index]
         torch.manual_seed(self.recipe.seed + index + 1)
         start = time.perf_counter()
@@ -311,12 +346,16 @@ class Runner:
         compressor.apply(model)
         batches = TrainBatches(self.task, self.recipe.seed + index, stage.calibration_batches)
         compressor.before_training(batches, progress=self.show_progress)
+        if resume_from is not None:  # the stage's state at the end of its last saved epoch
+            load_into(model, resume_from["model"], "progress.pt")
+            compressor.load_state_dict(resume_from["compressor"])
         if self.summaries is not None:
             self.summaries.log_compressor(compressor, force=True)
-        steps = self.train(model, stage.train, stage.name, compressor)
+        steps = self.train(model, stage.train, stage.name, compressor, resume_from)
         compressor.after_training(batches, progress=self.show_progress)
         if self.summaries is not None:
             self.summaries.log_compressor(compressor, force=True)
+        self.stage_states = [t.state_dict() for t in compressor.techniques]  # before finalize
         model = compressor.finalize()
         self.techniques.extend(compressor.techniques)
         for technique in compressor.techniques:  # the small model's record: load_pruned rebuilds it
@@ -328,6 +367,24 @@ class Runner:
             if self.show_progress:
                 print_summary(summary, self.console)
         return model, result
+
+    def restore_stage(self, model: nn.Module, index: int) -> nn.Module:
+        """A finished stage on resume: rebuild its structure on ``model`` (the model as it
+        entered the stage), load its saved weights; no training, no measuring."""
+        stage = self.recipe.stages[index]
+        weights, states = self.checkpoints.load_model(stage.name)
+        compressor = Compressor(list(stage.techniques), example_inputs=self.task.example_inputs)
+        if len(states) != len(compressor.techniques):
+            raise CheckpointError(
+                f"checkpoint of stage {stage.name!r} holds {len(states)} technique states, the "
+                f"recipe has {len(compressor.techniques)} techniques"
+            )
+        for technique, state in zip(compressor.techniques, states, strict=True):
+            technique.load_state_dict(state)
+            model = technique.rebuild(model)
+        load_into(model, weights, f"checkpoints/{stage.name}.safetensors")
+        self.techniques.extend(compressor.techniques)
+        return model
 
     # --- ONNX: per stage, and the kept model ----------------------------------------------
     def stage_onnx(self, model: nn.Module, result: StageResult, previous: StageResult | None):
@@ -460,27 +517,64 @@ class Runner:
             }
         return out
 
-    def run(self) -> RunResult:
+    def run(self, *, resume: bool = False) -> RunResult:
+        """Run the recipe; with ``resume`` continue the run in ``run_dir`` where it stopped."""
         start = time.perf_counter()
-        atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+        recipe_text = dump_recipe(self.recipe)
+        fingerprint = recipe_fingerprint(recipe_text)
+        if resume:
+            state = self.checkpoints.load_state()
+            if state.get("recipe") != fingerprint:
+                raise CheckpointError(
+                    f"{self.run_dir} was run with a different recipe than {self.recipe.name!r}"
+                )
+            if state.get("finished"):
+                raise ConfigError(f"the run in {self.run_dir} already finished; nothing to resume")
+            progress = self.checkpoints.load_progress()
+        else:
+            atomic_write_text(self.run_dir / "recipe.yaml", recipe_text)
+            state = {"recipe": fingerprint, "done": [], "results": {}, "global_step": 0}
+            progress = None
+        state.setdefault("finished", False)
+
+        def progress_for(part: str) -> dict[str, Any] | None:
+            return progress if progress is not None and progress["part"] == part else None
+
         measure_onnx = self.recipe.export.onnx
         stopped: str | None = None
         with CompressionSummaries(self.run_dir / "tensorboard") as summaries:
             self.summaries = summaries
-            model, base = self.baseline()
+            if "baseline" in state["done"]:
+                model = self.task.make_model()
+                weights, _ = self.checkpoints.load_model("baseline")
+                load_into(model, weights, "checkpoints/baseline.safetensors")
+                base = StageResult.from_dict(state["results"]["baseline"])
+                self.global_step = int(state["global_step"])
+            else:
+                model, base = self.baseline(progress_for("baseline"))
+                if measure_onnx:
+                    self.stage_onnx(model, base, None)
+                self.finish_part(state, model, base, [])
             baseline_model = copy.deepcopy(model)
             self.baseline_model = baseline_model
-            if measure_onnx:
-                self.stage_onnx(model, base, None)
             kept_model, kept = baseline_model, base
             results: list[StageResult] = []
-            for index in range(len(self.recipe.stages)):
-                model, result = self.run_stage(model, index)
+            for index, stage in enumerate(self.recipe.stages):
+                previous = results[-1] if results else base
+                if stage.name in state["done"]:
+                    model = self.restore_stage(model, index)
+                    result = StageResult.from_dict(state["results"][stage.name])
+                    self.global_step = int(state["global_step_after"][stage.name])
+                    results.append(result)
+                    kept_model, kept = model, result
+                    continue
+                model, result = self.run_stage(model, index, progress_for(stage.name))
                 results.append(result)
                 if measure_onnx:
-                    self.stage_onnx(model, result, results[-2] if len(results) > 1 else base)
+                    self.stage_onnx(model, result, previous)
                 passed = self.check_gate(result, index, base)
                 self.log_stage(result)
+                self.finish_part(state, model, result, self.stage_states)
                 if passed or self.recipe.gate.on_violation == "warn":
                     kept_model, kept = model, result
                 else:
@@ -503,8 +597,26 @@ class Runner:
             stopped=stopped,
         )
         atomic_write_json(self.run_dir / "metrics.json", run.to_dict())
+        state["finished"] = True
+        self.checkpoints.save_state(state)
         self.model = kept_model
         return run
+
+    def finish_part(
+        self,
+        state: dict[str, Any],
+        model: nn.Module,
+        result: StageResult,
+        technique_states: list[dict[str, Any]],
+    ) -> None:
+        """Checkpoint a finished part (baseline or stage) and record it in ``state.json``."""
+        self.checkpoints.save_model(result.name, model, technique_states)
+        state["done"].append(result.name)
+        state["results"][result.name] = asdict(result)
+        state["global_step"] = self.global_step
+        state.setdefault("global_step_after", {})[result.name] = self.global_step
+        self.checkpoints.save_state(state)
+        self.checkpoints.clear_progress()
 
     def log_stage(self, result: StageResult) -> None:
         if self.summaries is None:
@@ -527,3 +639,26 @@ def run_recipe(
     path = resolve_run_dir(recipe.name, run_dir)
     runner = Runner(recipe, path, console=console, progress=progress)
     return runner.run()
+
+
+def resume_run(
+    run_dir: str | Path,
+    recipe: Recipe | None = None,
+    *,
+    progress: bool = True,
+    console: Console | None = None,
+) -> RunResult:
+    """Continue the run in ``run_dir`` from its last checkpoint (the recipe saved there, which
+    ``recipe``, when given, must equal)."""
+    from slimkit.recipe.schema import load_recipe
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"run folder to resume not found: {path}")
+    saved = load_recipe(path / "recipe.yaml")
+    if recipe is not None and recipe != saved:
+        raise ConfigError(
+            f"the recipe differs from the one {path} was started with ({path / 'recipe.yaml'}); "
+            "resume without a recipe, or start a new run"
+        )
+    return Runner(saved, path, console=console, progress=progress).run(resume=True)
