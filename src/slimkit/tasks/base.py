@@ -1,12 +1,16 @@
 """Task: what a run needs from the user — model factory, data, loss, metric.
 
-A user's own task is ``"package.module:function"`` in a recipe; slimkit imports that module and
-calls the function (this runs the user's code, by design) and expects a :class:`Task` back.
+A user's own task is ``"package.module:function"`` in a recipe; slimkit imports that module (an
+installed package, ``PYTHONPATH``, or the current directory) and calls the function with ``seed``
+and ``batch_size`` (this runs the user's code, by design) and expects a :class:`Task` back. See
+``examples/custom_task/`` for a complete one.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +67,8 @@ def load_task(spec: str, **kwargs: Any) -> Task:
             "or 'package.module:function'"
         )
     module_name, _, attr = target.partition(":")
+    if spec not in BUILTIN_TASKS and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: a task module next to the recipe
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
