@@ -46,6 +46,7 @@ __all__ = [
 
 _CHUNK_ELEMENTS = 1 << 21  # (candidate, bin) pairs evaluated at once by the MSE search
 _KL_TIE = 1e-12  # nats: entropy scores this close to the minimum are ties (float noise)
+_KL_CANDIDATES = 256  # entropy thresholds scored at once (bounds the search's memory)
 
 
 class Observer(nn.Module):
@@ -384,7 +385,7 @@ class EntropyObserver(_HistogramObserver):
         if float(self.threshold) == 0.0 or n_q >= self.bins:
             return self._finish(-float(self.threshold), float(self.threshold))
         cands = torch.arange(n_q, self.bins + 1, device=hist.device)
-        kl = _kl_scores(hist, cands, n_q)
+        kl = torch.cat([_kl_scores(hist, c, n_q) for c in cands.split(_KL_CANDIDATES)])
         # ties (exact KL equalities the prefix sums round apart) go to the largest threshold
         ties = torch.nonzero(kl <= kl.min() + _KL_TIE)
         best = int(ties[-1]) if ties.numel() else cands.numel() - 1
