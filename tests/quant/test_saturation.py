@@ -108,6 +108,22 @@ def test_exact_accumulator_equals_integer_matmul_and_chunking(monkeypatch):
     assert torch.equal(chunked.emulated, r.emulated) and torch.equal(chunked.exact, r.exact)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force_pair_sums(seed):
+    g = torch.Generator().manual_seed(seed)
+    k = 9 + seed  # odd and even K
+    a = torch.randint(0, 256, (200, k), generator=g)
+    a[a < 128] //= 8  # mostly small codes, as after ReLU, with some large ones
+    w = torch.randint(-128, 128, (5, k), generator=g)
+    r = pair_saturation(a, w)
+    pad_a, pad_w = F.pad(a, (0, k % 2)), F.pad(w, (0, k % 2))
+    sums = (pad_a.reshape(200, 1, -1, 2) * pad_w.reshape(1, 5, -1, 2)).sum(-1)
+    clamped = sums.clamp(-32768, 32767)
+    assert r.saturated_pairs == int((sums != clamped).sum()) > 0
+    assert torch.equal(r.emulated, clamped.sum(-1))
+    assert torch.equal(r.exact, sums.sum(-1))
+
+
 def test_input_validation():
     with pytest.raises(ConfigError, match="activations must lie in"):
         pair_saturation(torch.tensor([[256]]), _s8([[1]]))

@@ -24,17 +24,24 @@ positions, and for the im2col + QGEMM fallback they are adjacent ``K`` entries; 
 both. Which pairs a kernel forms is an implementation detail of MLAS: the rates computed here are
 an emulation, not a measurement.
 
-Two remedies keep the fast kernels and the fidelity; both are explicit, neither is the default:
+Two remedies keep the fast kernels; both are explicit options:
 
 * ``StaticQuantizationConfig(reduce_range=True)``: 7-bit activation codes on every quantized
-  tensor. Each ``QuantizeLinear`` gets a ``Clip`` to 127 that ONNX Runtime runs as a separate op,
-  and every activation loses a bit.
+  tensor. Each ``QuantizeLinear`` gets a ``Clip`` to 127 that ONNX Runtime runs as a separate op
+  (about +25% latency at batch 1 on the digits models), every activation loses a bit, and a
+  ReLU6 before it blocks the ``QLinearConv`` fusion unless the exported graph goes through
+  :func:`slimkit.export.clips.drop_redundant_clips`.
 * :func:`reduce_weight_range_`: 7-bit weight codes ``[-63, 63]`` on chosen layers of a calibrated
   model, by default every layer that runs the u8s8 kernel; pass the layers that
-  :func:`saturation_report` finds saturating on calibration data for "where needed". Weights are
-  constants, so the graph and its speed do not change.
+  :func:`saturation_report` finds saturating on calibration data for "where needed" (best
+  fidelity, but a layer that saturates only on other data stays exposed). Weights are constants,
+  so the graph and its speed do not change.
 
-:func:`needs_reduce_range` says whether a CPU needs either (x86 with AVX2 but no VNNI/AMX).
+Default: full 8-bit codes (``reduce_range=False``, no weight reduction), right wherever
+:func:`needs_reduce_range` is False (VNNI, AMX, ARM). Where it is True (x86 with AVX2 or
+AVX-512BW but no VNNI), call ``reduce_weight_range_(technique)`` after ``calibrate``: it removes
+saturation at no speed cost, while letting pairs saturate raised the KL divergence to the fp32
+outputs 50-160x on the digits models (``benchmarks/quant_digits.py``).
 
 >>> a = torch.tensor([[255, 255]], dtype=torch.uint8)
 >>> w = torch.tensor([[127, 127]], dtype=torch.int8)
@@ -77,7 +84,7 @@ __all__ = [
 ]
 
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
-_CHUNK_ELEMENTS = 2**22  # pair sums held at once by pair_saturation
+_CHUNK_ELEMENTS = 2**22  # candidate pair sums held at once by pair_saturation
 _SAFE_ISA = ("avx512_vnni", "avx_vnni", "amx")
 
 
@@ -133,7 +140,9 @@ def pair_saturation(activations: torch.Tensor, weights: torch.Tensor) -> PairSat
 
     Products of adjacent ``K`` entries ``(0, 1), (2, 3), ...`` are summed in pairs, each pair
     clamped to int16, then accumulated exactly; an odd ``K`` is padded with a zero product.
-    Memory is bounded by working on chunks of rows.
+    The exact sums come from one float64 matrix product (exact at these magnitudes); pair sums
+    are formed only where ``max(a0, a1) * max_m(|w0| + |w1|)`` could exceed int16 (a bound on
+    ``|a0 * w0 + a1 * w1|``), in chunks, so typical activations cost little.
     """
     a = _as_codes(activations, 0, 255, "activations")
     w = _as_codes(weights, -128, 127, "weights")
@@ -144,22 +153,22 @@ def pair_saturation(activations: torch.Tensor, weights: torch.Tensor) -> PairSat
     if a.shape[1] % 2:
         a, w = F.pad(a, (0, 1)), F.pad(w, (0, 1))
     rows, k = a.shape
-    m = w.shape[0]
-    half = k // 2
-    a_pairs = a.reshape(rows, 1, half, 2)
-    w_pairs = w.reshape(1, m, half, 2)
-    exact = torch.zeros(rows, m, dtype=torch.int64)
-    emulated = torch.zeros(rows, m, dtype=torch.int64)
+    m, half = w.shape[0], k // 2
+    exact = torch.round(a.double() @ w.double().T).to(torch.int64)
+    a_pairs, w_pairs = a.reshape(rows, half, 2), w.reshape(m, half, 2)
+    reach = w_pairs.abs().sum(dim=-1).amax(dim=0) if m else torch.zeros(half, dtype=torch.int32)
+    row_index, pair_index = torch.nonzero(a_pairs.amax(dim=-1) * reach > INT16_MAX).unbind(1)
+    error = torch.zeros(rows, m, dtype=torch.int64)
     saturated = 0
-    step = max(1, _CHUNK_ELEMENTS // max(1, m * half))
-    for start in range(0, rows, step):
-        sums = (a_pairs[start : start + step] * w_pairs).sum(dim=-1)  # (r, M, K/2) int32
-        clamped = sums.clamp(INT16_MIN, INT16_MAX)
-        saturated += int((sums != clamped).sum())
-        exact[start : start + step] = sums.sum(dim=-1, dtype=torch.int64)
-        emulated[start : start + step] = clamped.sum(dim=-1, dtype=torch.int64)
+    step = max(1, _CHUNK_ELEMENTS // max(1, m))
+    for start in range(0, row_index.numel(), step):
+        r, j = row_index[start : start + step], pair_index[start : start + step]
+        sums = (a_pairs[r, j].unsqueeze(1) * w_pairs[:, j].transpose(0, 1)).sum(dim=-1)  # (c, M)
+        delta = sums.clamp(INT16_MIN, INT16_MAX) - sums
+        saturated += int((delta != 0).sum())
+        error.index_add_(0, r, delta.to(torch.int64))
     return PairSaturation(
-        pairs=rows * m * half, saturated_pairs=saturated, exact=exact, emulated=emulated
+        pairs=rows * m * half, saturated_pairs=saturated, exact=exact, emulated=exact + error
     )
 
 
