@@ -388,3 +388,20 @@ def test_tuple_outputs_logits_objects_and_tensor_batches():
         "cosine/block:block",
         "total",
     }
+
+
+def test_logits_are_found_in_tensors_tuples_mappings_and_model_outputs():
+    from types import SimpleNamespace
+
+    from slimkit.distill.technique import _logits
+
+    logits = torch.randn(2, 3)
+    for outputs in (
+        logits,
+        (logits, None),
+        {"loss": 0.0, "logits": logits},
+        SimpleNamespace(logits=logits),
+    ):
+        assert _logits(outputs, "student") is logits
+    with pytest.raises(ConfigError, match="soft labels need the teacher's logits"):
+        _logits({"loss": 0.0}, "teacher")

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -115,6 +115,8 @@ def _logits(outputs: Any, side: str) -> torch.Tensor:
     if isinstance(outputs, torch.Tensor):
         return outputs
     logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, Mapping):  # {"loss": ..., "logits": ...}
+        logits = outputs.get("logits")
     if isinstance(logits, torch.Tensor):
         return logits
     if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
