@@ -84,7 +84,7 @@ __all__ = [
 ]
 
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
-_CHUNK_ELEMENTS = 2**22  # candidate pair sums held at once by pair_saturation
+_CHUNK_ELEMENTS = 2**19  # pair sums held at once by pair_saturation (cache-sized)
 _SAFE_ISA = ("avx512_vnni", "avx_vnni", "amx")
 
 
@@ -141,8 +141,8 @@ def pair_saturation(activations: torch.Tensor, weights: torch.Tensor) -> PairSat
     Products of adjacent ``K`` entries ``(0, 1), (2, 3), ...`` are summed in pairs, each pair
     clamped to int16, then accumulated exactly; an odd ``K`` is padded with a zero product.
     The exact sums come from one float64 matrix product (exact at these magnitudes); pair sums
-    are formed only where ``max(a0, a1) * max_m(|w0| + |w1|)`` could exceed int16 (a bound on
-    ``|a0 * w0 + a1 * w1|``), in chunks, so typical activations cost little.
+    are formed, in chunks, only for rows where some ``a0 * max_m |w0| + a1 * max_m |w1|`` (a
+    bound on ``|a0 * w0 + a1 * w1|``) exceeds int16, so typical activations cost little.
     """
     a = _as_codes(activations, 0, 255, "activations")
     w = _as_codes(weights, -128, 127, "weights")
@@ -155,18 +155,21 @@ def pair_saturation(activations: torch.Tensor, weights: torch.Tensor) -> PairSat
     rows, k = a.shape
     m, half = w.shape[0], k // 2
     exact = torch.round(a.double() @ w.double().T).to(torch.int64)
-    a_pairs, w_pairs = a.reshape(rows, half, 2), w.reshape(m, half, 2)
-    reach = w_pairs.abs().sum(dim=-1).amax(dim=0) if m else torch.zeros(half, dtype=torch.int32)
-    row_index, pair_index = torch.nonzero(a_pairs.amax(dim=-1) * reach > INT16_MAX).unbind(1)
+    a0, a1, w0, w1 = a[:, 0::2], a[:, 1::2], w[:, 0::2], w[:, 1::2]
+    if m:  # |a0 * w0 + a1 * w1| <= a0 * max_m |w0| + a1 * max_m |w1|
+        bound = a0 * w0.abs().amax(dim=0) + a1 * w1.abs().amax(dim=0)
+    else:
+        bound = torch.zeros_like(a0)
+    candidates = torch.nonzero((bound > INT16_MAX).any(dim=1)).flatten()  # rows to check
     error = torch.zeros(rows, m, dtype=torch.int64)
     saturated = 0
-    step = max(1, _CHUNK_ELEMENTS // max(1, m))
-    for start in range(0, row_index.numel(), step):
-        r, j = row_index[start : start + step], pair_index[start : start + step]
-        sums = (a_pairs[r, j].unsqueeze(1) * w_pairs[:, j].transpose(0, 1)).sum(dim=-1)  # (c, M)
+    step = max(1, _CHUNK_ELEMENTS // max(1, m * half))
+    for start in range(0, candidates.numel(), step):
+        r = candidates[start : start + step]
+        sums = a0[r, None, :] * w0[None] + a1[r, None, :] * w1[None]  # (c, M, K/2)
         delta = sums.clamp(INT16_MIN, INT16_MAX) - sums
-        saturated += int((delta != 0).sum())
-        error.index_add_(0, r, delta.to(torch.int64))
+        saturated += int(torch.count_nonzero(delta))
+        error[r] = delta.sum(dim=-1, dtype=torch.int64)
     return PairSaturation(
         pairs=rows * m * half, saturated_pairs=saturated, exact=exact, emulated=exact + error
     )
