@@ -1,6 +1,7 @@
-"""QDQ graph passes used by ``export_qdq``: merging duplicate QuantizeLinear nodes and folding
-the Transpose of a dequantized weight into its int8 codes. Outputs before and after each pass
-are compared in ONNX Runtime (optimisations off) on hand-built graphs."""
+"""QDQ graph passes used by ``export_qdq``: merging duplicate QuantizeLinear nodes, folding
+the Transpose of a dequantized weight into its int8 codes and gathering int8 table rows.
+Outputs before and after each pass are compared in ONNX Runtime (optimisations off) on
+hand-built graphs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from slimkit.export.onnx import onnx_op_counts
-from slimkit.export.qdq import fold_weight_transposes, merge_duplicate_quantizers
+from slimkit.export.qdq import (
+    dequantize_after_gather,
+    fold_weight_transposes,
+    merge_duplicate_quantizers,
+)
 
 
 def _model(nodes, initializers, outputs) -> onnx.ModelProto:
@@ -103,3 +108,41 @@ def test_shared_or_non_constant_dequantize_is_left_alone():
     model = _model(nodes, _weights(), ["y", "w_copy"])
     fold_weight_transposes(model)
     assert onnx_op_counts(model)["Transpose"] == 1
+
+
+def _gather_model(scale: np.ndarray, dq_axis: int, gather_axis: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(2)
+    tables = {
+        "table": rng.integers(-127, 128, (6, 4)).astype(np.int8),
+        "t_scale": scale,
+        "t_zp": np.zeros(scale.shape, dtype=np.int8),
+        "ids": np.array([[0, 5, 5], [2, 1, 3]], dtype=np.int64),
+    }
+    nodes = [
+        helper.make_node("DequantizeLinear", ["table", "t_scale", "t_zp"], ["w"], axis=dq_axis),
+        helper.make_node("Gather", ["w", "ids"], ["rows"], axis=gather_axis),
+        helper.make_node("Identity", ["x"], ["x_out"]),
+    ]
+    return _model(nodes, tables, ["rows", "x_out"])
+
+
+@pytest.mark.parametrize(
+    "scale", [np.array(0.05, np.float32), np.array([0.01, 0.02, 0.03, 0.04], np.float32)]
+)
+def test_gather_reads_int8_codes_and_dequantizes_the_rows(scale):
+    model = _gather_model(scale, dq_axis=1)
+    before = _run(model, X)
+    dequantize_after_gather(model)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Gather", "DequantizeLinear", "Identity"]
+    dq = model.graph.node[1]
+    axis = {a.name: a.i for a in dq.attribute}.get("axis")
+    assert axis == (-1 if scale.size > 1 else None)  # the table's columns are the last axis
+    np.testing.assert_array_equal(_run(model, X)[0], before[0])
+    assert _run(model, X)[0].shape == (2, 3, 4)
+
+
+def test_gather_along_the_scaled_axis_is_left_alone():
+    model = _gather_model(np.linspace(0.01, 0.06, 6, dtype=np.float32), dq_axis=0)
+    dequantize_after_gather(model)
+    assert [n.op_type for n in model.graph.node][:2] == ["DequantizeLinear", "Gather"]

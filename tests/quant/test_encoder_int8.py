@@ -4,7 +4,7 @@ random BERT :class:`SentenceEncoder` with dynamic batch and sequence axes.
 Asserted per export: the integer kernels ONNX Runtime runs after optimisation (one per Linear,
 float MatMuls left only for the two attention products per layer), ORT outputs equal slimkit's
 PyTorch emulation to float32 rounding on a batch of another shape than the export's, and the
-int8 embeddings stay close to fp32.
+int8 embeddings stay close to fp32. With ``embeddings=True`` the tables are gathered as int8.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from slimkit.measure.fidelity import cosine_similarity_stats
 from slimkit.measure.latency import ort_session
 from slimkit.models.sentence import sentence_encoder_tiny
 from slimkit.quant.dynamic import DynamicQuantConfig, DynamicQuantization, export_dynamic_onnx
-from slimkit.quant.ptq import StaticQuantizationConfig, quantize_static
+from slimkit.quant.ptq import StaticQuantization, StaticQuantizationConfig, quantize_static
 
 LAYERS, LINEARS = 2, 12  # 6 Linear per BERT layer: q, k, v, attention out, intermediate, out
 INPUTS = ["input_ids", "attention_mask"]
@@ -76,7 +76,7 @@ def _assert_ort_equals_emulation(got: np.ndarray, emulated, fp32) -> None:
     """ORT == emulation to float32 rounding, while both really differ from fp32."""
     to_emulation = np.abs(got - emulated.numpy()).max()
     to_fp32 = np.abs(got - fp32.numpy()).max()
-    assert to_emulation < 1e-6 and to_fp32 > 20 * to_emulation, (to_emulation, to_fp32)
+    assert to_emulation < 1e-5 and to_fp32 > 20 * to_emulation, (to_emulation, to_fp32)
     assert cosine_similarity_stats(fp32, got)["min"] > 0.999
 
 
@@ -126,3 +126,60 @@ def test_fp32_export_has_a_dynamic_sequence_axis(encoder, probe, tmp_path):
         shapes[value.name] = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
     assert shapes["input_ids"] == ["batch", "sequence"]
     assert np.abs(_ort(path, probe) - encoder(**probe).numpy()).max() < 1e-5
+
+
+@torch.no_grad()
+def test_int8_embeddings_are_gathered_as_int8(encoder, probe, tmp_path):
+    calibration = [_batch(8, 12, seed) for seed in range(2)]
+    config = StaticQuantizationConfig(mode="hooks", embeddings=True)
+    quantized = quantize_static(encoder, calibration, config)
+    table = quantized.transformer.embeddings.word_embeddings
+    assert table.parametrizations.weight[0].scale.shape == (32,)  # one scale per dimension
+    path = export_qdq(quantized, _example(), tmp_path / "static_emb.onnx", **EXPORT)
+
+    graph = onnx.load(str(path)).graph
+    types = {init.name: init.data_type for init in graph.initializer}
+    tables = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in types]
+    assert len(tables) == 3  # word, position and token type tables
+    assert all(types[n.input[0]] == onnx.TensorProto.INT8 for n in tables)
+    floats = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert max(len(i.dims) for i in floats) == 1  # no float matrix left (biases, norms only)
+    optimized = optimized_op_counts(path)
+    assert optimized["DequantizeLinear"] == 3 and optimized["MatMulIntegerToFloat"] == LINEARS
+    _assert_ort_equals_emulation(_ort(path, probe), quantized(**probe), encoder(**probe))
+    technique = StaticQuantization(config)
+    technique.apply(sentence_encoder_tiny())
+    rows = {row[0]: row for row in technique.summary().rows}
+    assert rows["transformer.embeddings.word_embeddings"][1:] == ["Embedding", 8, None, None]
+    assert len(rows) == LINEARS + 3
+
+
+class BagOfWords(torch.nn.Module):
+    """torch.fx-traceable: embedding, mean over tokens, Linear (graph mode quantizes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed(ids).mean(dim=1))
+
+
+@torch.no_grad()
+def test_graph_mode_quantizes_embeddings_weight_only(tmp_path):
+    torch.manual_seed(0)
+    model = BagOfWords().eval()
+    batches = [torch.randint(0, 50, (8, 5)) for _ in range(3)]
+    config = StaticQuantizationConfig(embeddings=True, post_quant=False)
+    quantized = quantize_static(model, batches, config)
+    assert "embed" not in "".join(dict(quantized.activation_quantizers))  # no input quantizer
+    path = export_qdq(quantized, batches[0][:2], tmp_path / "bow.onnx")
+    ids = torch.randint(0, 50, (3, 5))
+    got = ort_session(path).run(None, {"input": ids.numpy()})[0]
+    assert np.abs(got - quantized(ids).numpy()).max() < 1e-5
+    assert optimized_op_counts(path).get("QGemm") == 1
+    graph = onnx.load(str(path)).graph
+    types = {init.name: init.data_type for init in graph.initializer}
+    gather = next(n for n in graph.node if n.op_type == "Gather")
+    assert types[gather.input[0]] == onnx.TensorProto.INT8

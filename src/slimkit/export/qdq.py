@@ -12,6 +12,8 @@ zero point 0). The graph is then cleaned so that ONNX Runtime's QDQ fusions appl
 * a ``Transpose`` of a dequantized constant weight (a Linear on 3-D inputs exports as
   ``MatMul(x, W.T)``) is folded into the int8 codes, with the per-channel axis moved along, so
   the ``MatMul`` reads ``DequantizeLinear`` directly;
+* a ``Gather`` from a dequantized constant table (an int8 ``nn.Embedding``) gathers the int8
+  codes and dequantizes the gathered rows, instead of the whole table on every run;
 * the (already rounded) float bias of a Conv/Gemm whose input and weight are dequantized is
   stored as int32 codes on the grid ``input_scale * weight_scale`` behind a
   ``DequantizeLinear``, as ``QLinearConv``/``QGemm`` expect.
@@ -50,6 +52,7 @@ from slimkit.io import atomic_path
 from slimkit.quant.fake import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 
 __all__ = [
+    "dequantize_after_gather",
     "export_qdq",
     "fold_constants",
     "fold_weight_transposes",
@@ -124,6 +127,7 @@ def export_qdq(
     fold_constants(proto)
     merge_duplicate_quantizers(proto)
     fold_weight_transposes(proto)
+    dequantize_after_gather(proto)
     quantize_biases(proto)
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -246,6 +250,67 @@ def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     kept = [replaced.get(i, node) for i, node in enumerate(nodes)]
     kept = [node for node in kept if node is not None]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _drop_unused_initializers(graph)
+    return model
+
+
+def dequantize_after_gather(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ``codes -> DequantizeLinear -> Gather(indices)`` as
+    ``Gather(codes, indices) -> DequantizeLinear``.
+
+    Only where the codes and qparams are initializers, the ``Gather`` is the dequantized
+    table's only reader and a per-axis scale is not along the gathered axis; that axis is then
+    counted from the end (the gather may change the rank). Returns ``model`` (in place).
+    """
+    graph = model.graph
+    values = _constants(graph)
+    nodes = list(graph.node)
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(index)
+    outputs = {out.name for out in graph.output}
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # node index -> its replacement nodes
+    for index, dq in enumerate(nodes):
+        users = readers.get(dq.output[0], []) if dq.op_type == "DequantizeLinear" else []
+        if len(users) != 1 or nodes[users[0]].op_type != "Gather":
+            continue
+        gather = nodes[users[0]]
+        if gather.input[0] != dq.output[0] or dq.output[0] in outputs:
+            continue
+        if not all(name in values for name in dq.input if name):
+            continue
+        rank = values[dq.input[0]].ndim
+        gather_axis = next((a.i for a in gather.attribute if a.name == "axis"), 0) % rank
+        attrs = {}
+        if values[dq.input[1]].size > 1:
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % rank
+            if axis == gather_axis:
+                continue
+            attrs["axis"] = axis if axis < gather_axis else axis - rank
+        codes = f"{gather.output[0]}_quantized"
+        replaced[index] = []
+        replaced[users[0]] = [
+            helper.make_node(
+                "Gather",
+                [dq.input[0], gather.input[1]],
+                [codes],
+                name=f"{gather.name or codes}_int8",
+                axis=gather_axis,
+            ),
+            helper.make_node(
+                "DequantizeLinear",
+                [codes, *dq.input[1:]],
+                [gather.output[0]],
+                name=f"{codes}_DequantizeLinear",
+                **attrs,
+            ),
+        ]
+    if not replaced:
+        return model
+    kept = [new for i, node in enumerate(nodes) for new in replaced.get(i, [node])]
     del graph.node[:]
     graph.node.extend(kept)
     _drop_unused_initializers(graph)
