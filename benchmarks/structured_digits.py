@@ -80,16 +80,37 @@ class Method:
 def methods() -> list[Method]:
     rows = [
         Method(f"slimkit uniform {imp} rt8", "slimkit", 8, importance=imp)
-        for imp in ("l1", "l2", "bn_scale", "taylor", "random")
+        for imp in ("l1", "l2", "group_l1", "bn_scale", "taylor", "random")
     ]
     rows += [
         Method("slimkit global l1 rt8", "slimkit", 8, allocation="global"),
+        Method(
+            "slimkit global group_l1 rt8", "slimkit", 8, allocation="global", importance="group_l1"
+        ),
         Method("slimkit sensitivity l1 rt8", "slimkit", 8, allocation="sensitivity"),
+        Method(
+            "slimkit sensitivity group_l1 rt8",
+            "slimkit",
+            8,
+            allocation="sensitivity",
+            importance="group_l1",
+        ),
         Method("TP MetaPruner local L1 rt8", "peer", 8),
         Method("TP MetaPruner global L1 rt8", "peer", 8, global_pruning=True),
         Method("slimkit uniform l1 rt1", "slimkit", 1),
+        Method("slimkit uniform group_l1 rt1", "slimkit", 1, importance="group_l1"),
         Method("slimkit global l1 rt1", "slimkit", 1, allocation="global"),
+        Method(
+            "slimkit global group_l1 rt1", "slimkit", 1, allocation="global", importance="group_l1"
+        ),
         Method("slimkit sensitivity l1 rt1", "slimkit", 1, allocation="sensitivity"),
+        Method(
+            "slimkit sensitivity group_l1 rt1",
+            "slimkit",
+            1,
+            allocation="sensitivity",
+            importance="group_l1",
+        ),
         Method("TP MetaPruner local L1 rt1", "peer", 1),
         Method("TP MetaPruner global L1 rt1", "peer", 1, global_pruning=True),
     ]

@@ -205,6 +205,27 @@ def test_l1_and_l2_disagree_where_they_should():
     assert kept["l2"].layers["conv1"].kept_out == [1, 2, 3]  # |[1.9, 0]|_2 = 1.9 > 1.41
 
 
+def test_group_l1_sums_filters_consumer_inputs_and_batchnorm_scales():
+    model = TwoConv(norm=True)
+    with torch.no_grad():
+        model.conv1.weight.fill_(1.0)  # every filter alike: l1 cannot tell them apart
+        model.bn.weight.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+        model.conv2.weight.zero_()
+        model.conv2.weight[:, 1] = 2.0  # channel 1 feeds conv2 strongly
+        model.conv2.weight[:, 3] = 1.0
+    # per channel: conv1 filter (2 weights of 1) + bn |gamma| + conv2 inputs (3 outputs)
+    group = {0: 2 + 1 + 0, 1: 2 + 1 + 6, 2: 2 + 1 + 0, 3: 2 + 1 + 3}
+    assert sorted(group, key=group.get, reverse=True)[:2] == [1, 3]
+    assert kept_filters(model, importance="group_l1") == [1, 3]
+    model = TwoConv(norm=True)
+    with torch.no_grad():
+        model.conv1.weight.fill_(1.0)
+        model.conv2.weight.zero_()
+        model.conv2.weight[:, 0] = 1.0
+        model.conv2.weight[:, 2] = 1.0
+    assert kept_filters(model, importance="group_l2") == [0, 2]
+
+
 def test_bn_scale_ranks_by_gamma_and_falls_back_to_l1_with_a_reason():
     model = TwoConv(norm=True)
     with torch.no_grad():

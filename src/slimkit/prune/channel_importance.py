@@ -289,6 +289,51 @@ class TaylorImportance(ChannelImportance):
         return _sum_over_filters(group, per_filter)
 
 
+def _coupled_norms(member: GroupMember, p: int) -> torch.Tensor | None:
+    """Per-channel Lp norm of every weight slice ``member`` loses (None: it holds none)."""
+    module = member.module
+    if member.role == "out":
+        found = _filter_weight(module)
+        if found is not None:
+            return filter_norms(found[0], found[1], p)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            return filter_norms(module.weight.unsqueeze(1), 0, p)
+        return None
+    if isinstance(module, nn.Linear):
+        return filter_norms(module.weight, 1, p)
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
+        return filter_norms(module.weight, 0 if module.transposed else 1, p)
+    return None
+
+
+@register_channel_importance
+class GroupL1Importance(ChannelImportance):
+    """Sum of the L1 norms of *every* slice the group removes: its filters, the consumers'
+    input weights and the BatchNorm scales (Torch-Pruning's group magnitude). Better than
+    ``l1`` on conv -> BatchNorm nets, where BatchNorm rescales the filters' outputs."""
+
+    name = "group_l1"
+    p = 1
+
+    def score(self, group: ChannelGroup) -> torch.Tensor | None:
+        scores = torch.zeros(group.channels)
+        found = False
+        for member in group.members:
+            norms = _coupled_norms(member, self.p)
+            if norms is not None:
+                group.scatter(member, norms, scores)
+                found = True
+        return scores if found else None
+
+
+@register_channel_importance
+class GroupL2Importance(GroupL1Importance):
+    """``group_l1`` with L2 norms."""
+
+    name = "group_l2"
+    p = 2
+
+
 @register_channel_importance
 class RandomImportance(ChannelImportance):
     """Uniform random scores from ``seed`` and the group's root name (a control)."""
