@@ -12,7 +12,8 @@ from rich.table import Table
 from slimkit.core.technique import TechniqueSummary
 
 
-def _cell(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, NaN as ``-``."""
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
@@ -27,7 +28,7 @@ def make_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
             column, justify="left" if column in ("module", "type", "metric") else "right"
         )
     for row in rows:
-        table.add_row(*(_cell(v) for v in row))
+        table.add_row(*(cell_text(v) for v in row))
     return table
 
 
@@ -35,7 +36,9 @@ def summary_table(summary: TechniqueSummary) -> Table:
     """Per-layer table of one technique, with skipped modules listed under it."""
     table = make_table(f"{summary.technique}: per layer", summary.columns, summary.rows)
     if summary.totals:
-        table.caption = "totals: " + ", ".join(f"{k}={_cell(v)}" for k, v in summary.totals.items())
+        table.caption = "totals: " + ", ".join(
+            f"{k}={cell_text(v)}" for k, v in summary.totals.items()
+        )
     return table
 
 
