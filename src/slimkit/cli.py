@@ -56,7 +56,9 @@ def _run(
     else:
         result = run_recipe(recipe, run_dir, progress=not quiet, console=console)
     console.print(str(result), end="")
-    console.print(f"run folder: {result.run_dir}  (metrics.json, tensorboard/, packed model)")
+    console.print(
+        f"run folder: {result.run_dir}  (report.html, metrics.json, model.onnx, tensorboard/)"
+    )
 
 
 @app.command()

@@ -85,6 +85,14 @@ def test_export_files_exist(run: RunResult, metrics: dict[str, Any]) -> None:
     assert not list(folder.glob(".*.tmp"))
 
 
+def test_the_run_writes_a_self_contained_report(run: RunResult, metrics: dict[str, Any]) -> None:
+    page = (Path(run.run_dir) / "report.html").read_text(encoding="utf-8")
+    assert 'id="plot-metric-vs-size"' in page and 'id="plot-metric-vs-latency"' in page
+    assert "prune" in page and "<svg" in page
+    assert metrics["environment"]["cpu"] == json.loads(json.dumps(metrics["environment"]["cpu"]))
+    assert metrics["environment"]["ort_threads"] == 1
+
+
 def test_run_folder_keeps_the_validated_recipe(run: RunResult, tiny_recipe_text: str) -> None:
     saved = load_recipe(Path(run.run_dir) / "recipe.yaml")
     assert saved == Recipe.from_dict(yaml.safe_load(tiny_recipe_text))

@@ -69,6 +69,7 @@ class RunResult:
     wall_s: float
     kept: str = ""
     stopped: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)  # CPU flags, thread counts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

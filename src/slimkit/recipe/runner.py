@@ -5,7 +5,8 @@ test), parameters, MACs, and (with ``export.onnx``) its ONNX file in ``onnx/NAME
 metric as ONNX Runtime computes it and ORT latency interleaved with the previous stage's model.
 The gate (:mod:`slimkit.recipe.gate`) then flags the stage or stops the run.
 
-The run folder gets (each written atomically): ``metrics.json``, ``recipe.yaml`` (the validated
+The run folder gets (each written atomically): ``metrics.json``, ``report.html`` (self-contained:
+the table, plots across stages, per-layer bars), ``recipe.yaml`` (the validated
 recipe), ``tensorboard/`` event files, ``onnx/`` (one model per stage), ``baseline.onnx`` and
 ``model.onnx`` (the kept model, int8 when quantized), ``model.packed.safetensors`` (sparse packed
 checkpoint) and ``model.safetensors`` (dense state dict).
@@ -36,7 +37,7 @@ from slimkit.export.onnx import export_onnx, optimized_op_counts
 from slimkit.export.packed import save_packed
 from slimkit.io import atomic_path, atomic_write_json, atomic_write_text
 from slimkit.measure.flops import count_macs
-from slimkit.measure.latency import compare_latency
+from slimkit.measure.latency import compare_latency, cpu_info
 from slimkit.measure.ort_module import OrtModule
 from slimkit.measure.size import count_nonzero_parameters, count_parameters, dense_checkpoint_bytes
 from slimkit.prune.manifest import PruningManifest, save_pruned
@@ -44,6 +45,7 @@ from slimkit.recipe.checkpoints import RunCheckpoints, recipe_fingerprint
 from slimkit.recipe.gate import gate_violations
 from slimkit.recipe.results import RunResult, StageResult
 from slimkit.recipe.schema import Recipe, TrainBudget, dump_recipe
+from slimkit.report.html import write_report
 from slimkit.report.table import print_summary
 from slimkit.report.tensorboard import CompressionSummaries
 from slimkit.tasks.base import Task, load_task
@@ -595,8 +597,14 @@ class Runner:
             wall_s=round(time.perf_counter() - start, 3),
             kept=kept.name,
             stopped=stopped,
+            environment={
+                "cpu": cpu_info(),
+                "torch_threads": torch.get_num_threads(),
+                "ort_threads": self.recipe.export.latency_threads,
+            },
         )
         atomic_write_json(self.run_dir / "metrics.json", run.to_dict())
+        write_report(self.run_dir, run.to_dict())
         state["finished"] = True
         self.checkpoints.save_state(state)
         self.model = kept_model
