@@ -198,3 +198,18 @@ def test_export_errors(tmp_path, calibration):
     ready.activation_quantizers["x"].enabled = False
     with pytest.raises(ConfigError, match="disabled"):
         export_qdq(ready, x, tmp_path / "off.onnx")
+
+
+def test_reduce_range_keeps_relu6_convs_on_integer_kernels(
+    trained_digits_model, tmp_path, calibration, test_images
+):
+    """ReLU6 before a 7-bit QuantizeLinear is a float Clip ORT would keep, and the conv would
+    fall back to float; export_qdq drops it (the 7-bit code range clips harder anyway)."""
+    model = trained_digits_model("mobilenet")
+    quantized = quantize_static(model, calibration, StaticQuantizationConfig(reduce_range=True))
+    path = export_qdq(quantized, test_images[:1], tmp_path / "mobilenet7.onnx")
+    counts = optimized_op_counts(path)
+    _assert_integer_graph(counts, convs=16)
+    got, want = _run_ort(path, test_images), _fake_quant(quantized, test_images)
+    step = float(quantized.activation_quantizers["classifier"].scale)
+    assert float(np.abs(got - want).max()) <= step * 1.01 + 1e-6

@@ -300,3 +300,23 @@ def test_remedy_errors():
     technique, _, _ = _calibrated(reduce_range=False)
     with pytest.raises(ConfigError, match="'nope' not quantized by this technique"):
         reduce_weight_range_(technique, ["conv", "nope"])
+
+
+def test_reduce_weight_range_option_applies_the_remedy_at_calibration():
+    torch.manual_seed(3)
+    model = _Net()
+    with torch.no_grad():
+        model.conv.weight.abs_()
+    batches = [torch.rand(16, 4, 4, 4) for _ in range(2)]
+    technique = StaticQuantization(StaticQuantizationConfig(reduce_weight_range=True))
+    technique.apply(model)
+    technique.calibrate(model, batches)
+    qparams = input_qparams(technique)
+    assert saturation_report(model, qparams, [torch.ones(4, 4, 4, 4)]).saturated_pairs == 0
+    for name in ("conv", "fc"):  # u8s8 layers on 7-bit codes; the depthwise conv keeps 8
+        layer = getattr(model, name)
+        scale = layer.parametrizations.weight[0].scale
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        assert int(torch.round(layer.weight / scale.view(shape)).abs().max()) == 63
+    dw = model.dw.parametrizations.weight[0].scale.view(-1, 1, 1, 1)
+    assert int(torch.round(model.dw.weight / dw).abs().max()) == 127

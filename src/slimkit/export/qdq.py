@@ -23,8 +23,10 @@ into ``QLinearConv``, residual adds into ``QLinearAdd``, global average pooling 
 ``QLinearGlobalAveragePool`` and Linear into ``QGemm``; see
 :func:`slimkit.export.onnx.optimized_op_counts`. With ``reduce_range`` (7-bit activations) each
 ``QuantizeLinear`` is followed by a ``Clip`` to 127 on the uint8 codes, which ONNX Runtime keeps
-as a separate op; the convolutions still fuse. Ops slimkit does not quantize (SiLU, Sigmoid,
-Mul, ...) run in float between ``DequantizeLinear`` and ``QuantizeLinear``.
+as a separate op; a float ``Clip`` (ReLU6) feeding such a quantizer is redundant and removed
+(:func:`slimkit.export.clips.drop_redundant_clips`), else ORT runs those convs in float. Ops
+slimkit does not quantize (SiLU, Sigmoid, Mul, ...) run in float between ``DequantizeLinear`` and
+``QuantizeLinear``.
 
 Models quantized with ``StaticQuantization(mode="hooks")`` (transformers) have quantized Linear
 inputs and float outputs: ``Q -> DQ -> MatMul`` with a ``DQ`` weight and no ``Q`` after it,
@@ -47,6 +49,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from slimkit.errors import ConfigError, StateError
+from slimkit.export.clips import drop_redundant_clips
 from slimkit.export.onnx import PathLike, export_onnx
 from slimkit.io import atomic_path
 from slimkit.quant.fake import ActivationQuantizer, BiasQuantizer, WeightQuantizer
@@ -128,6 +131,7 @@ def export_qdq(
     merge_duplicate_quantizers(proto)
     fold_weight_transposes(proto)
     dequantize_after_gather(proto)
+    drop_redundant_clips(proto)  # ReLU6 before a 7-bit QuantizeLinear: keeps the convs on int8
     quantize_biases(proto)
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))

@@ -117,7 +117,13 @@ class StaticQuantizationConfig(Config):
     ``bits`` 2..8 are emulated; ONNX export needs 8. ``observer_options`` go to the observer
     (e.g. ``{"percentile": 99.9}``). ``per_channel`` gives each output channel its own weight
     scale. ``post_quant`` also quantizes model outputs (False keeps float logits; ``QGemm``
-    still runs in int8). ``reduce_range`` uses 7-bit activations, for x86 CPUs without VNNI.
+    still runs in int8). On x86 CPUs with AVX2 but without VNNI (``slimkit.quant.saturation.
+    needs_reduce_range()``), ONNX Runtime's u8s8 kernels add pairs of products in saturating
+    int16: ``reduce_weight_range`` (recommended there) re-quantizes the weights of every
+    non-depthwise layer onto 7-bit codes after calibration, which cannot saturate and keeps the
+    graph and its speed; ``reduce_range`` (7-bit activations) also avoids it, at the cost of a
+    Clip per quantizer and more error. Both default to False: full 8 bits, right on VNNI,
+    AMX, ARM and GPUs (see benchmarks/README.md, quant_digits).
     ``mode``: ``"graph"`` traces the model with ``torch.fx`` and quantizes the dataflow (inputs,
     outputs, residual adds, pools); ``"hooks"`` quantizes only the inputs of the selected layers
     through forward pre-hooks, for models ``torch.fx`` cannot trace (``post_quant`` applies to
@@ -136,6 +142,7 @@ class StaticQuantizationConfig(Config):
     fp32_layers: tuple[str, ...] = ()
     post_quant: bool = True
     reduce_range: bool = False
+    reduce_weight_range: bool = False
     mode: Mode = "graph"
     embeddings: bool = False
 
@@ -431,6 +438,10 @@ class StaticQuantization(Technique):
             if bq is not None:
                 bq.freeze(quantizers[self._inputs_of[name]].scale, wq.scale)
         self.calibrated = True
+        if self.config.reduce_weight_range:
+            from slimkit.quant.saturation import reduce_weight_range_
+
+            reduce_weight_range_(self)
 
     def summary(self) -> TechniqueSummary:
         selection = self._require_applied()
