@@ -16,6 +16,11 @@
 
 It never owns the optimizer or the data; it only sees the batches it is handed.
 ``state_dict``/``load_state_dict`` resume exactly.
+
+With ``DistributedDataParallel``, apply the compressor to the plain model on every rank, then
+wrap the model for training; call ``step`` on every rank. Techniques keep their decisions the
+same on every rank (see :mod:`slimkit.distributed`). A DDP-wrapped or FSDP-sharded model is
+refused with an :class:`~slimkit.errors.UnsupportedModuleError`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.technique import Technique, TechniqueSummary, make_technique
+from slimkit.distributed import check_unsharded
 from slimkit.errors import StateError
 
 STATE_VERSION = 1
@@ -55,6 +61,7 @@ class Compressor:
         """Attach every technique to ``model`` and run step 0 (one-shot schedules act now)."""
         if self.model is not None:
             raise StateError("this Compressor is already applied to a model")
+        check_unsharded(model, "Compressor.apply")
         for technique in self.techniques:
             technique.apply(model)
         self.model = model

@@ -7,6 +7,10 @@
 * ``taylor``: first-order Taylor estimate of the loss change when a weight is removed,
   ``|w * dL/dw|``, averaged over the optimizer steps since the last mask update.
 * ``lamp``: magnitude rescaled per layer (:func:`lamp_score`), for ``ranking="global"``.
+
+Under ``DistributedDataParallel`` the weights and (reduced) gradients these read are the same on
+every rank; :class:`~slimkit.prune.magnitude.MagnitudePruning` still averages the ``ema`` and
+``taylor`` accumulators over the ranks before each ranking and broadcasts rank 0's masks.
 """
 
 from __future__ import annotations

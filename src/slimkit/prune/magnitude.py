@@ -26,6 +26,7 @@ from slimkit.core.scope import (
     module_type_name,
 )
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
+from slimkit.distributed import all_reduce_tensors_, broadcast_tensors_, check_unsharded
 from slimkit.errors import ConfigError, StateError
 from slimkit.prune import masks as M
 from slimkit.prune.importance import (
@@ -182,6 +183,7 @@ class MagnitudePruning(Technique):
     def apply(self, model: nn.Module) -> None:
         if self._already_applied(model):
             return
+        check_unsharded(model, self.kind)
         selection = self.plan(model)
         for name, module in selection.selected:
             if weight_mask_of(module) is not None:
@@ -249,18 +251,21 @@ class MagnitudePruning(Technique):
 
     @torch.no_grad()
     def _update_masks(self, target: float) -> None:
+        """New masks at ``target``. Under DDP the EMA/Taylor statistics are averaged over the
+        ranks before ranking and rank 0's masks are broadcast after, so every rank prunes the
+        same weights even where floating point would split a tie differently."""
         states = self._states()
         pattern = self.config.pattern
         block = pattern.shape if isinstance(pattern, Block) else None
+        if self.config.importance in ("ema", "taylor"):
+            all_reduce_tensors_([s.importance for _, _, s in states], "mean")
         scores = [self._scores(m, s, n) for n, m, s in states]
+        threshold = float("nan")
         if isinstance(pattern, NM):
             new = [
                 M.nm_mask(sc, s.mask, pattern.n, pattern.m, target)
                 for sc, (_, _, s) in zip(scores, states, strict=True)
             ]
-            self.thresholds = {
-                n: _threshold(sc, nm) for (n, _, _), sc, nm in zip(states, scores, new, strict=True)
-            }
         elif self.config.ranking == "global":
             new, threshold = M.global_masks(
                 scores,
@@ -269,12 +274,15 @@ class MagnitudePruning(Technique):
                 self.config.max_layer_sparsity,
                 block,
             )
-            self.thresholds = {n: threshold for n, _, _ in states}
         else:
             new = [
                 M.layer_mask(sc, s.mask, target, block)
                 for sc, (_, _, s) in zip(scores, states, strict=True)
             ]
+        broadcast_tensors_(new)
+        if self.config.ranking == "global" and not isinstance(pattern, NM):
+            self.thresholds = {n: threshold for n, _, _ in states}
+        else:
             self.thresholds = {
                 n: _threshold(sc, nm) for (n, _, _), sc, nm in zip(states, scores, new, strict=True)
             }

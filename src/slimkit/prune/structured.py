@@ -16,6 +16,9 @@ each group loses:
   does; every group then stays at or below ``max_layer_sparsity``.
 * **when**: one shot in ``apply`` (then fine-tune), or iteratively: with a ``schedule`` each
   ``step`` where the schedule's value rises prunes a further slice of the (fine-tuned) model.
+* **several processes** (``torch.distributed``): rank 0 allocates and picks the channels (and
+  alone measures sensitivity curves, writing their cache); every rank receives the removal
+  indices and slices its model identically.
 
 Pruning **replaces parameters**: build the optimizer after ``apply``, and rebuild it (and its LR
 scheduler) whenever ``step`` returns True, which :attr:`StructuredPruning.parameters_replaced`
@@ -46,6 +49,7 @@ from slimkit.core.config import Config
 from slimkit.core.schedules import AnySchedule, ConstantSchedule, Schedule
 from slimkit.core.scope import Selection
 from slimkit.core.technique import RunContext, Technique, TechniqueSummary, register_technique
+from slimkit.distributed import check_unsharded, is_main, on_main
 from slimkit.errors import ConfigError, StateError
 from slimkit.prune.allocation import (
     AllocationStep,
@@ -435,6 +439,7 @@ class StructuredPruning(Technique):
         the whole goal; a schedule starting later: nothing yet)."""
         if self._already_applied(model):
             return
+        check_unsharded(model, self.kind)
         args, kwargs = self._inputs(example_inputs)
         trace = trace_groups(model, args, kwargs, self.config)
         self._state = _Progress({g.root: g.units for g in trace.plan.groups}, self._cost(trace))
@@ -458,10 +463,32 @@ class StructuredPruning(Technique):
         args, kwargs = self._inputs_used
         return self._prune_to(trace_groups(self._model, args, kwargs, self.config), value)
 
+    def _decide(self, trace: GroupTrace, state: _Progress, value: float) -> None:
+        """Mark the units each group loses. Under ``torch.distributed`` rank 0 decides (and
+        alone measures sensitivity curves) and every rank takes its removal indices, so all
+        ranks slice the same channels."""
+
+        def decide() -> dict[str, Any]:
+            trace.set_removals(self._allocate(trace, state, value))
+            return {
+                "groups": {g.root: (list(g.prune), g.skip) for g in trace.plan.groups},
+                "progress": (state.sparsity, state.prefix, state.predicted_drop),
+            }
+
+        decision = on_main(decide)
+        if is_main():
+            return
+        groups = decision["groups"]
+        if sorted(groups) != sorted(g.root for g in trace.plan.groups):
+            raise StateError(f"{self.kind}: rank 0 traced other channel groups than this rank")
+        for g in trace.plan.groups:
+            g.prune, g.skip = groups[g.root]
+        state.sparsity, state.prefix, state.predicted_drop = decision["progress"]
+
     def _prune_to(self, trace: GroupTrace, value: float) -> bool:
         model, state = trace.model, self._state
         before, _ = forward_eval(model, trace.args, trace.kwargs)
-        trace.set_removals(self._allocate(trace, state, value))
+        self._decide(trace, state, value)
         applied = apply_records(model, trace.records(), trace.args, trace.kwargs)
         after, _ = forward_eval(model, trace.args, trace.kwargs)
         shapes = [tuple(t.shape) for t in leaves(before)], [tuple(t.shape) for t in leaves(after)]

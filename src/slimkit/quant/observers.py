@@ -20,16 +20,25 @@ bins merge exactly, so memory is fixed and no count is smeared. Splitting the sa
 batches therefore changes only the resolution (bins up to 2x wider than with one batch). On
 normal data the ranges then move by under 0.5 % of ``max|x|`` for percentile, 3 % for mse and
 20 % for entropy, whose 8-bit KL minimum is flat (fake-quant error within 25 %).
+
+Several processes (``torch.distributed``) each calibrate on their share of the data, then
+:meth:`Observer.synchronize` merges the statistics on every rank before the range is computed:
+min/max reduce exactly (MIN/MAX), moving averages are averaged, histograms are summed. So that
+histograms share bin edges, inside a process group the first threshold is rounded up to a power
+of two: every rank's grid is then a power-of-two coarsening of the finest one, and each rank
+merges bin pairs up to the largest threshold (exact) before the counts are added.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from slimkit.distributed import all_reduce_, is_distributed
 from slimkit.errors import ConfigError, SlimkitError, StateError
 from slimkit.quant.affine import QuantSpec, qparams_from_range, tensor_range
 
@@ -118,6 +127,44 @@ class Observer(nn.Module):
         """``(scale, zero_point)`` for :meth:`compute_range` under ``self.spec``."""
         return qparams_from_range(*self.compute_range(), self.spec)
 
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """Merge every rank's statistics into this observer (no-op in a single process).
+
+        Call it on every rank of the default process group, for the same observers in the same
+        order, after calibrating and before :meth:`compute_range`; afterwards every rank holds
+        the same statistics. Ranks that saw no data take part too.
+        """
+        if is_distributed():
+            self._synchronize()
+
+    def _synchronize(self) -> None:
+        """Running min/max: exact over the union of every rank's data."""
+        self._agree_shape()
+        n = self.min_val.numel()
+        pair = torch.cat([-self.min_val.reshape(-1), self.max_val.reshape(-1)])
+        all_reduce_(pair, "max")
+        self.min_val = (-pair[:n]).reshape(self.min_val.shape)
+        self.max_val = pair[n:].reshape(self.max_val.shape)
+        all_reduce_(self.num_batches, "sum")
+
+    def _agree_shape(self) -> None:
+        """Per-channel ranges of a rank that saw nothing are sized like the others'."""
+        if self.spec.granularity == "per_tensor":
+            return
+        shapes = [None] * torch.distributed.get_world_size()
+        mine = tuple(self.min_val.shape) if self.observed else None
+        torch.distributed.all_gather_object(shapes, mine)
+        seen = sorted({s for s in shapes if s is not None})
+        if len(seen) > 1:
+            raise ConfigError(
+                f"observer {self.name!r} saw ranges of shapes {seen} on different ranks: the "
+                "channel count must be the same everywhere"
+            )
+        if seen and mine is None:
+            self.min_val = torch.full(seen[0], float("inf"), device=self.min_val.device)
+            self.max_val = torch.full(seen[0], float("-inf"), device=self.max_val.device)
+
     def extra_repr(self) -> str:
         return f"spec={self.spec}, axis={self.axis}"
 
@@ -178,6 +225,21 @@ class MovingAverageObserver(Observer):
             hi = self.max_val + c * (hi - self.max_val)
         self.min_val, self.max_val = lo.clone(), hi.clone()
 
+    def _synchronize(self) -> None:
+        """The mean of the averaged ranges of the ranks that saw data."""
+        self._agree_shape()
+        seen = self.observed
+        lo = self.min_val.reshape(-1) if seen else torch.zeros_like(self.min_val.reshape(-1))
+        hi = self.max_val.reshape(-1) if seen else torch.zeros_like(self.max_val.reshape(-1))
+        sums = torch.cat([lo, hi, torch.tensor([float(seen)], device=lo.device)])
+        all_reduce_(sums, "sum")
+        ranks = float(sums[-1])
+        if ranks > 0:
+            n = self.min_val.numel()
+            self.min_val = (sums[:n] / ranks).reshape(self.min_val.shape)
+            self.max_val = (sums[n : 2 * n] / ranks).reshape(self.max_val.shape)
+        all_reduce_(self.num_batches, "sum")
+
 
 class _HistogramObserver(Observer):
     """Per-tensor observer over a streamed, fixed-size histogram (see the module docstring).
@@ -203,20 +265,40 @@ class _HistogramObserver(Observer):
     def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
         self._update_running(lo, hi)
         n, amax = self.bins, float(torch.maximum(-lo, hi))
-        t = float(self.threshold) if self.num_batches > 0 else amax
-        if t == 0.0:
-            t = amax  # all mass so far is exactly 0, which stays in bin n for any threshold
-        while t < amax:  # grow: double the range, merge bin pairs (exact)
-            merged = self.histogram.view(n, 2).sum(dim=1)
-            self.histogram.zero_()
-            self.histogram[n // 2 : n // 2 + n] = merged
-            t *= 2.0
+        t = float(self.threshold) if self.num_batches > 0 else 0.0
+        if t == 0.0:  # all mass so far is exactly 0, which stays in bin n for any threshold
+            t = _power_of_two_above(amax) if is_distributed() else amax
+        t = self._grow(t, amax)
         self.threshold.fill_(t)
         if t == 0.0:
             self.histogram[n] += x.numel()
             return
         idx = torch.floor(x.reshape(-1).double() * (n / t)).long() + n
         self.histogram += torch.bincount(idx.clamp_(0, 2 * n - 1), minlength=2 * n).double()
+
+    def _grow(self, t: float, limit: float) -> float:
+        """Double the range from ``t`` until it reaches ``limit``, merging bin pairs (exact)."""
+        n = self.bins
+        while t < limit:
+            merged = self.histogram.view(n, 2).sum(dim=1)
+            self.histogram.zero_()
+            self.histogram[n // 2 : n // 2 + n] = merged
+            t *= 2.0
+        return t
+
+    def _synchronize(self) -> None:
+        """Exact min/max, then every rank's histogram on the widest grid, summed."""
+        super()._synchronize()
+        top = self.threshold.clone()
+        all_reduce_(top, "max")
+        t, limit = float(self.threshold), float(top)
+        if t > 0.0 and self._grow(t, limit) != limit:
+            raise StateError(
+                f"observer {self.name!r}: the ranks' histogram ranges {t:g} and {limit:g} do not "
+                "nest; calibrate after the process group is initialised"
+            )
+        self.threshold.fill_(limit)
+        all_reduce_(self.histogram, "sum")
 
     def _abs_histogram(self) -> torch.Tensor:
         """Counts of ``|x|`` in ``bins`` bins over ``[0, threshold]``."""
@@ -266,6 +348,14 @@ class PercentileObserver(_HistogramObserver):
         cdf, cut = _cdf(self.histogram), (100 - self.percentile) / 200
         left, right = _first_at_least(cdf, cut), _first_at_least(cdf, 1 - cut)
         return self._finish(-t + left * width, -t + (right + 1) * width)
+
+
+def _power_of_two_above(value: float) -> float:
+    """The smallest power of two ``>= value`` (``value`` itself for 0)."""
+    if value <= 0.0:
+        return value
+    mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, 0.5 <= mantissa < 1
+    return value if mantissa == 0.5 else math.ldexp(1.0, exponent)
 
 
 def _cdf(hist: torch.Tensor) -> torch.Tensor:

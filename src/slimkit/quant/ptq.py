@@ -60,6 +60,7 @@ from slimkit.core.scope import (
     validate_rule,
 )
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
+from slimkit.distributed import all_reduce_, check_unsharded
 from slimkit.errors import ConfigError, ScopeError, StateError, UnsupportedModuleError
 from slimkit.quant.fake import (
     ActivationQuantizer,
@@ -320,6 +321,7 @@ class StaticQuantization(Technique):
     def apply(self, model: nn.Module) -> None:
         if self._already_applied(model):
             return
+        check_unsharded(model, self.kind)
         if hasattr(model, QUANTIZER_DICT):
             raise StateError(f"{self.kind}: the model already has {QUANTIZER_DICT}")
         if quantized := [n for n, m in model.named_modules() if input_quantizer_of(m) is not None]:
@@ -379,7 +381,10 @@ class StaticQuantization(Technique):
         """Stream batches through ``model`` (eval mode, no grad), then freeze every quantizer.
 
         Batches are tensors, ``(inputs, ...)`` tuples (the first item is the input) or dicts of
-        keyword inputs; nothing is stored beyond the observers' fixed-size statistics.
+        keyword inputs; nothing is stored beyond the observers' fixed-size statistics. Under
+        ``torch.distributed`` every rank calibrates on its own batches (call it on every rank);
+        the observers' statistics are then merged (:meth:`Observer.synchronize`), so every rank
+        freezes the same qparams.
         """
         if model is not self._model:
             raise StateError(f"{self.kind}: calibrate the model this technique was applied to")
@@ -397,7 +402,7 @@ class StaticQuantization(Technique):
         for batch in track(batches, "calibrating", total=num_batches, disable=not progress):
             _run_batch(model, batch, device)
             seen += 1
-        if seen == 0:
+        if int(all_reduce_(torch.tensor(seen), "sum")) == 0:  # over every rank
             raise ConfigError("calibration loader yielded no batches")
         self._freeze()
         return model
@@ -424,6 +429,8 @@ class StaticQuantization(Technique):
 
     def _freeze(self) -> None:
         quantizers = self._activation_quantizers()
+        for quantizer in quantizers.values():  # several processes: merge their statistics
+            quantizer.observer.synchronize()
         for key, quantizer in quantizers.items():
             if not quantizer.observer.observed:
                 raise StateError(

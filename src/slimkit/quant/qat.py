@@ -15,7 +15,13 @@ Weight quantizers are initialized by ``apply``; input quantizers by
 ``initialize(model, loader, num_batches)`` (``init="ptq"``: min/max over the batches,
 ``init="lsq"``: LSQ's ``2 * mean(|x|) / sqrt(qmax)`` over the batches); one never initialized
 takes LSQ's init from its first batch (e.g. under a :class:`~slimkit.core.compressor.Compressor`,
-which does not call ``initialize``). ``step(step)`` freezes BatchNorm running statistics
+which does not call ``initialize``).
+
+Under ``DistributedDataParallel`` each rank initializes from its own batches and the statistics
+(min, max, sum of ``|x|``, count) are all-reduced first, so every rank starts from the same
+qparams (a first-batch init then runs collectively: every rank must make that first forward).
+The learned scales and zero points are parameters of the model, so DDP averages their gradients
+and they stay identical. ``step(step)`` freezes BatchNorm running statistics
 (momentum 0) from step ``freeze_bn_after``. ``finalize(model)`` bakes the fake-quantized weights
 into plain parameters and removes the input quantizers: the returned model has quantized weights
 and float activations (read the learned activation qparams with ``activation_qparams`` first).
@@ -25,6 +31,7 @@ Biases stay in float; BatchNorm is not folded.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
@@ -42,6 +49,7 @@ from slimkit.core.scope import (
     module_type_name,
 )
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
+from slimkit.distributed import all_reduce_, check_unsharded, is_distributed
 from slimkit.errors import ConfigError, StateError
 from slimkit.quant.fake import activation_spec, weight_spec
 from slimkit.quant.lsq import LSQQuantizer
@@ -96,6 +104,8 @@ def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]
     quantizer = input_quantizer_of(module)
     if quantizer is None or not args:
         return None
+    if quantizer.enabled and not bool(quantizer.initialized) and is_distributed():
+        _init_lsq_everywhere(quantizer, args[0])  # LSQ's first-batch init over every rank's batch
     return (quantizer(args[0]), *args[1:])
 
 
@@ -112,6 +122,35 @@ class _InputStats:
         self.high = max(self.high, float(x.max()))
         self.abs_sum += float(x.abs().sum())
         self.count += x.numel()
+
+
+def _synchronize(stats: list[_InputStats]) -> None:
+    """Merge every rank's statistics (MIN/MAX of the extremes, SUM of |x| and counts)."""
+    if not is_distributed() or not stats:
+        return
+    extremes = torch.tensor([[-s.low, s.high] for s in stats], dtype=torch.float64)
+    sums = torch.tensor([[s.abs_sum, float(s.count)] for s in stats], dtype=torch.float64)
+    all_reduce_(extremes, "max")
+    all_reduce_(sums, "sum")
+    for s, (low, high), (abs_sum, count) in zip(
+        stats, extremes.tolist(), sums.tolist(), strict=True
+    ):
+        s.low, s.high, s.abs_sum, s.count = -low, high, abs_sum, int(count)
+
+
+@torch.no_grad()
+def _init_lsq_everywhere(quantizer: LSQQuantizer, x: torch.Tensor) -> None:
+    """:meth:`LSQQuantizer.init_lsq` (per tensor) on the union of every rank's ``x``."""
+    stats = _InputStats()
+    stats(quantizer, (x,))
+    _synchronize([stats])
+    spec = quantizer.spec
+    scale = max(2 * stats.abs_sum / max(1, stats.count) / math.sqrt(spec.qmax), 1e-8)
+    if spec.symmetric:
+        zero_point = float(quantizer._symmetric_zero_point())
+    else:
+        zero_point = min(max(round(spec.qmin - min(stats.low, 0.0) / scale), spec.qmin), spec.qmax)
+    quantizer._set(torch.tensor(scale), torch.tensor(float(zero_point)))
 
 
 @register_technique
@@ -144,6 +183,7 @@ class QuantizationAwareTraining(Technique):
     def apply(self, model: nn.Module) -> None:
         if self._already_applied(model):
             return
+        check_unsharded(model, self.kind)
         selection = self.plan(model)
         for name, module in selection.selected:
             if lsq_weight_quantizer_of(module) is not None or input_quantizer_of(module):
@@ -180,6 +220,8 @@ class QuantizationAwareTraining(Technique):
 
         Batches are tensors or ``(inputs, ...)`` tuples. Input quantizers pass data through
         while it is observed; weight quantizers stay on, so later layers see quantized weights.
+        Under ``torch.distributed`` call it on every rank with that rank's batches: the
+        statistics are all-reduced, so every rank sets the same qparams.
         """
         if model is not self._model:
             raise StateError(f"{self.kind}: initialize the model this technique was applied to")
@@ -212,8 +254,9 @@ class QuantizationAwareTraining(Technique):
             for _, module in layers:
                 input_quantizer_of(module).enabled = True
             model.train(training)
-        if seen == 0:
+        if int(all_reduce_(torch.tensor(seen), "sum")) == 0:  # over every rank
             raise ConfigError("initialize: the loader yielded no batches")
+        _synchronize([stats[name] for name, _ in layers])
         for name, module in layers:
             self._init_input(name, input_quantizer_of(module), stats[name])
         self.initialized = True
