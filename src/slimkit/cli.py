@@ -1,6 +1,9 @@
 """The ``slimkit`` command line: a thin layer over the Python API.
 
 Every error a user can cause is printed as one line (``slimkit: error: ...``) with exit code 2.
+Under ``torchrun`` (``compress --nproc N`` starts it) a failing worker prints
+``slimkit: error: rank R failed: ...`` instead, any exception included (the traceback goes to
+the error files, see :mod:`slimkit.launcher`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from slimkit.distributed import DEFAULT_TIMEOUT_S, launched_by_torchrun
 from slimkit.errors import ConfigError, SlimkitError
 
 app = typer.Typer(
@@ -39,26 +43,69 @@ def builtin_recipe_path(name: str) -> Path:
     return Path(str(resources.files("slimkit.recipe") / "builtin" / f"{name}.yaml"))
 
 
+def _check_run_args(recipe_path: Path | None, run_dir: Path | None, resume: Path | None) -> None:
+    if resume is not None and run_dir is not None:
+        raise ConfigError("--resume continues RUN_DIR in place; do not give --run-dir too")
+    if resume is None and recipe_path is None:
+        raise ConfigError("give a recipe file, or --resume RUN_DIR")
+
+
 def _run(
-    recipe_path: Path | None, run_dir: Path | None, quiet: bool, resume: Path | None = None
+    recipe_path: Path | None,
+    run_dir: Path | None,
+    quiet: bool,
+    resume: Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> None:
+    from slimkit import distributed
     from slimkit.recipe.runner import resume_run, run_recipe
     from slimkit.recipe.schema import load_recipe
 
-    console = Console()
+    _check_run_args(recipe_path, run_dir, resume)
+    distributed.init_from_env(timeout=timeout)  # under torchrun: join its process group
+    console = Console(quiet=not distributed.is_main())
     recipe = load_recipe(recipe_path) if recipe_path is not None else None
     if resume is not None:
-        if run_dir is not None:
-            raise ConfigError("--resume continues RUN_DIR in place; do not give --run-dir too")
         result = resume_run(resume, recipe, progress=not quiet, console=console)
-    elif recipe is None:
-        raise ConfigError("give a recipe file, or --resume RUN_DIR")
     else:
         result = run_recipe(recipe, run_dir, progress=not quiet, console=console)
     console.print(str(result), end="")
     console.print(
         f"run folder: {result.run_dir}  (report.html, metrics.json, model.onnx, tensorboard/)"
     )
+    distributed.shutdown()
+
+
+def _launch(
+    nproc: int,
+    recipe_path: Path | None,
+    run_dir: Path | None,
+    quiet: bool,
+    resume: Path | None,
+    timeout: float,
+) -> None:
+    """Run ``compress`` on ``nproc`` local processes through torchrun (see slimkit.launcher)."""
+    from slimkit.launcher import launch
+    from slimkit.recipe.runner import resolve_run_dir
+    from slimkit.recipe.schema import load_recipe
+
+    if launched_by_torchrun():
+        raise ConfigError("--nproc starts torchrun itself; under torchrun leave it out")
+    _check_run_args(recipe_path, run_dir, resume)
+    argv = ["compress"]
+    if recipe_path is not None:
+        recipe = load_recipe(recipe_path)  # a bad recipe fails here, before any process starts
+        argv.append(str(recipe_path))
+    if resume is not None:
+        argv += ["--resume", str(resume)]
+    else:
+        argv += ["--run-dir", str(resolve_run_dir(recipe.name, run_dir))]
+    argv += ["--timeout", repr(timeout)] + (["--quiet"] if quiet else [])
+    code, failure = launch(nproc, argv, timeout=timeout)
+    if failure is not None:
+        print(f"slimkit: error: {failure}", file=sys.stderr)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -83,9 +130,34 @@ def compress(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="processes on this machine: above 1, relaunch through torchrun and train with "
+            "DistributedDataParallel (gloo on CPU, NCCL for CUDA tensors)",
+        ),
+    ] = 1,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            min=1.0,
+            help="seconds a process waits for the others (rendezvous, collectives) before the "
+            "job fails",
+        ),
+    ] = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """Run a recipe: baseline, compression stages, export, report."""
-    _run(recipe, run_dir, quiet, resume)
+    """Run a recipe: baseline, compression stages, export, report.
+
+    Several processes: --nproc N here, or start it with torchrun yourself (several machines:
+    torchrun --nnodes M --node-rank R --rdzv-endpoint HOST:PORT -m slimkit.cli compress ...).
+    """
+    if nproc > 1:
+        _launch(nproc, recipe, run_dir, quiet, resume, timeout)
+    else:
+        _run(recipe, run_dir, quiet, resume, timeout)
 
 
 @app.command()
@@ -175,9 +247,12 @@ def schema() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning slimkit errors into one line and exit code 2."""
+    worker = launched_by_torchrun()  # a torchrun worker names its rank in any failure
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as n
     except SlimkitError as exc:
+        if worker:
+            return _worker_failed(exc)
         message = " ".join(str(exc).split())
         print(f"slimkit: error: {message}", file=sys.stderr)
         return 2
@@ -185,11 +260,26 @@ def main(argv: list[str] | None = None) -> int:
         print("slimkit: aborted", file=sys.stderr)
         return 130
     except _ClickException as exc:
+        if worker:
+            return _worker_failed(exc)
         exc.show()  # type: ignore[attr-defined]
         return 2
     except typer.Exit as exc:
         return exc.exit_code
-    return 0
+    except Exception as exc:
+        if worker:
+            return _worker_failed(exc)
+        raise
+    return code if isinstance(code, int) else 0
+
+
+def _worker_failed(exc: Exception) -> int:
+    """A torchrun worker's failure: one line naming the rank; the error files for the launcher."""
+    from slimkit.launcher import record_failure
+
+    code = 2 if isinstance(exc, (SlimkitError, _ClickException)) else 1
+    print(f"slimkit: error: {record_failure(exc, code)}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

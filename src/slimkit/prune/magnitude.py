@@ -255,6 +255,7 @@ class MagnitudePruning(Technique):
         ranks before ranking and rank 0's masks are broadcast after, so every rank prunes the
         same weights even where floating point would split a tie differently."""
         states = self._states()
+        check_unsharded(self._model, self.kind)  # sharded since apply: no full weights to rank
         pattern = self.config.pattern
         block = pattern.shape if isinstance(pattern, Block) else None
         if self.config.importance in ("ema", "taylor"):

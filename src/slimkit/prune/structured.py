@@ -460,6 +460,7 @@ class StructuredPruning(Technique):
         value = self.schedule.value(step)
         if value <= self.value + 1e-12:
             return False
+        check_unsharded(self._model, self.kind)  # sharded since apply: nothing to slice
         args, kwargs = self._inputs_used
         return self._prune_to(trace_groups(self._model, args, kwargs, self.config), value)
 

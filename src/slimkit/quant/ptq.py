@@ -392,6 +392,7 @@ class StaticQuantization(Technique):
             raise StateError(f"{self.kind}: the model is already calibrated")
         if num_batches is not None and (isinstance(num_batches, bool) or num_batches < 1):
             raise ConfigError(f"num_batches must be a positive int or None, got {num_batches!r}")
+        check_unsharded(model, self.kind)
         from rich.progress import track
 
         parameter = next(model.parameters(), None)

@@ -10,10 +10,22 @@ the table, plots across stages, per-layer bars), ``recipe.yaml`` (the validated
 recipe), ``tensorboard/`` event files, ``onnx/`` (one model per stage), ``baseline.onnx`` and
 ``model.onnx`` (the kept model, int8 when quantized), ``model.packed.safetensors`` (sparse packed
 checkpoint) and ``model.safetensors`` (dense state dict).
+
+Under ``torchrun`` (``slimkit compress RECIPE --nproc N``, after
+:func:`slimkit.distributed.init_from_env`) every rank runs the same recipe. Training steps run
+through ``DistributedDataParallel``: each rank takes its contiguous share of the rows of every
+batch of the seeded loader, its mean loss weighted so that the averaged gradient is the whole
+batch's, so a step, the schedules and the learning rate are those of a single-process run
+(the task loss must be a mean over rows; BatchNorm normalises each rank's rows). Calibration
+batches are shared out the same way and the statistics all-reduced. The techniques always see
+the plain model. Rank 0 alone evaluates, exports, measures latency and writes every file; the
+others wait, then receive its results (the gate's decision included, so all stop together).
+Resuming, rank 0 reads the checkpoints and every rank loads what it read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -29,9 +41,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from slimkit.core.compressor import Compressor
 from slimkit.core.technique import RunContext, Technique
+from slimkit.distributed import (
+    ShardedBatches,
+    all_reduce_,
+    all_reduce_tensors_,
+    is_distributed,
+    is_main,
+    on_main,
+    shard_rows,
+    world_size,
+)
 from slimkit.errors import CheckpointError, ConfigError
 from slimkit.export.onnx import export_onnx, optimized_op_counts
 from slimkit.export.packed import save_packed
@@ -165,6 +188,14 @@ INT_OPS = frozenset(
 )
 
 
+def wrap_for_training(model: nn.Module) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` inside a process group (the model itself in a
+    single process). ``static_graph``: parameters a forward never uses are allowed."""
+    if not is_distributed():
+        return model
+    return DistributedDataParallel(model, static_graph=True)
+
+
 class TrainBatches:
     """The first ``count`` batches of the task's training data, re-iterable and streamed."""
 
@@ -189,8 +220,11 @@ class Runner:
     ) -> None:
         self.recipe = recipe
         self.run_dir = run_dir
+        self.main = is_main()  # rank 0 (always, in a single process): measures and writes
         self.console = console or Console()
-        self.show_progress = progress
+        self.show_progress = progress and self.main
+        if not self.main:
+            self.console = Console(quiet=True)
         self.task = task or load_task(recipe.task, seed=recipe.seed, batch_size=recipe.batch_size)
         self.summaries: CompressionSummaries | None = None
         self.global_step = 0
@@ -211,6 +245,8 @@ class Runner:
 
         After every epoch the part's progress is checkpointed; ``resume_from`` (such a
         checkpoint, its model and compressor state already loaded) continues after its epoch.
+        Several processes: each trains on its share of every batch's rows through
+        ``DistributedDataParallel`` (see the module docstring).
         """
         if budget.epochs == 0:
             return 0
@@ -218,6 +254,7 @@ class Runner:
         task_weight = compressor.task_loss_weight if compressor is not None else 1.0
         steps_per_epoch = len(task.train_loader(0))
         optimizer, decay = make_training(model, budget, steps_per_epoch, compressor, 0)
+        trained, ranks = wrap_for_training(model), world_size()
         steps, first_epoch = 0, 0
         if resume_from is not None:
             optimizer.load_state_dict(resume_from["optimizer"])
@@ -241,38 +278,46 @@ class Runner:
                 label, total=budget.epochs, completed=first_epoch, loss=float("nan")
             )
             for epoch in range(first_epoch, budget.epochs):
-                model.train()
+                trained.train()
                 total, count = 0.0, 0
                 seed = self.recipe.seed * 1000 + self.global_step + epoch
                 for batch in task.train_loader(seed):
-                    outputs = task.forward(model, batch)
+                    batch, share = shard_rows(batch)  # 1.0 in a single process
+                    outputs = task.forward(trained, batch)
                     loss = task.loss(outputs, batch)
                     if task_weight != 1.0:
                         loss = task_weight * loss
                     if compressor is not None:
                         loss = loss + compressor.loss(outputs, batch)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * share if share != 1.0 else loss).backward()
+                    if ranks > 1 and compressor is not None:  # adapters: outside DDP's reach
+                        grads = [p.grad for p in compressor.parameters() if p.grad is not None]
+                        all_reduce_tensors_(grads, "mean")
                     optimizer.step()
                     if decay is not None:
                         decay.step()
                     steps += 1
-                    total, count = total + loss.item(), count + 1
+                    total, count = total + loss.item() * share / ranks, count + 1
                     if compressor is not None:
                         compressor.step()
                         if compressor.parameters_replaced:  # structured pruning sliced layers
                             optimizer, decay = make_training(
                                 model, budget, steps_per_epoch, compressor, steps
                             )
+                            trained = wrap_for_training(model)
                         if self.summaries is not None:
                             self.summaries.log_compressor(compressor)
                 if count == 0:
                     raise ConfigError(f"task {task.name!r}: the train loader yielded no batches")
+                total = float(all_reduce_(torch.tensor(total, dtype=torch.float64), "sum"))
                 if self.summaries is not None:
                     self.summaries.log_scalars(
                         {f"{label}/loss": total / count}, self.global_step + steps
                     )
                 progress.update(bar, advance=1, loss=total / count)
+                if not self.main:
+                    continue
                 self.checkpoints.save_progress(
                     {
                         "part": label,
@@ -286,6 +331,7 @@ class Runner:
                         "rng": torch.get_rng_state(),
                     }
                 )
+        del trained  # DDP lets go of the process group before anything tears it down
         self.global_step += steps
         return steps
 
@@ -321,12 +367,13 @@ class Runner:
         start = time.perf_counter()
         steps = 0
         if cfg.checkpoint:
-            load_into(model, load_state_dict_file(cfg.checkpoint), cfg.checkpoint)
+            load_into(model, on_main(load_state_dict_file, cfg.checkpoint), cfg.checkpoint)
         else:
             if resume_from is not None:
                 load_into(model, resume_from["model"], "progress.pt")
             steps = self.train(model, cfg, "baseline", resume_from=resume_from)
-        return model, self.measure(model, "baseline", steps, time.perf_counter() - start)
+        wall_s = time.perf_counter() - start
+        return model, on_main(self.measure, model, "baseline", steps, wall_s)
 
     def run_stage(
         self, model: nn.Module, index: int, resume_from: dict[str, Any] | None = None
@@ -346,7 +393,11 @@ class Runner:
         for technique in compressor.techniques:
             technique.bind_run(context)
         compressor.apply(model)
-        batches = TrainBatches(self.task, self.recipe.seed + index, stage.calibration_batches)
+        batches: Iterable[Any] = TrainBatches(
+            self.task, self.recipe.seed + index, stage.calibration_batches
+        )
+        if is_distributed():  # each rank calibrates on its rows; statistics are all-reduced
+            batches = ShardedBatches(batches)
         compressor.before_training(batches, progress=self.show_progress)
         if resume_from is not None:  # the stage's state at the end of its last saved epoch
             load_into(model, resume_from["model"], "progress.pt")
@@ -362,9 +413,10 @@ class Runner:
         self.techniques.extend(compressor.techniques)
         for technique in compressor.techniques:  # the small model's record: load_pruned rebuilds it
             manifest = getattr(technique, "manifest", None)
-            if isinstance(manifest, PruningManifest) and not has_quantizers(model):
+            if isinstance(manifest, PruningManifest) and not has_quantizers(model) and self.main:
                 save_pruned(model, manifest, context.work_dir / "pruned")
-        result = self.measure(model, stage.name, steps, time.perf_counter() - start, compressor)
+        wall_s = time.perf_counter() - start
+        result = on_main(self.measure, model, stage.name, steps, wall_s, compressor)
         for summary in compressor.summaries():
             if self.show_progress:
                 print_summary(summary, self.console)
@@ -374,7 +426,7 @@ class Runner:
         """A finished stage on resume: rebuild its structure on ``model`` (the model as it
         entered the stage), load its saved weights; no training, no measuring."""
         stage = self.recipe.stages[index]
-        weights, states = self.checkpoints.load_model(stage.name)
+        weights, states = on_main(self.checkpoints.load_model, stage.name)
         compressor = Compressor(list(stage.techniques), example_inputs=self.task.example_inputs)
         if len(states) != len(compressor.techniques):
             raise CheckpointError(
@@ -520,21 +572,18 @@ class Runner:
         return out
 
     def run(self, *, resume: bool = False) -> RunResult:
-        """Run the recipe; with ``resume`` continue the run in ``run_dir`` where it stopped."""
+        """Run the recipe; with ``resume`` continue the run in ``run_dir`` where it stopped.
+
+        Under ``torch.distributed`` call it on every rank (see the module docstring).
+        """
         start = time.perf_counter()
         recipe_text = dump_recipe(self.recipe)
         fingerprint = recipe_fingerprint(recipe_text)
         if resume:
-            state = self.checkpoints.load_state()
-            if state.get("recipe") != fingerprint:
-                raise CheckpointError(
-                    f"{self.run_dir} was run with a different recipe than {self.recipe.name!r}"
-                )
-            if state.get("finished"):
-                raise ConfigError(f"the run in {self.run_dir} already finished; nothing to resume")
-            progress = self.checkpoints.load_progress()
+            state, progress = on_main(self.load_resume_state, fingerprint)
         else:
-            atomic_write_text(self.run_dir / "recipe.yaml", recipe_text)
+            if self.main:
+                atomic_write_text(self.run_dir / "recipe.yaml", recipe_text)
             state = {"recipe": fingerprint, "done": [], "results": {}, "global_step": 0}
             progress = None
         state.setdefault("finished", False)
@@ -544,19 +593,29 @@ class Runner:
 
         measure_onnx = self.recipe.export.onnx
         stopped: str | None = None
-        with CompressionSummaries(self.run_dir / "tensorboard") as summaries:
+        summaries_writer = (
+            CompressionSummaries(self.run_dir / "tensorboard")
+            if self.main
+            else contextlib.nullcontext(None)
+        )
+        with summaries_writer as summaries:
             self.summaries = summaries
             if "baseline" in state["done"]:
                 model = self.task.make_model()
-                weights, _ = self.checkpoints.load_model("baseline")
+                weights, _ = on_main(self.checkpoints.load_model, "baseline")
                 load_into(model, weights, "checkpoints/baseline.safetensors")
                 base = StageResult.from_dict(state["results"]["baseline"])
                 self.global_step = int(state["global_step"])
             else:
                 model, base = self.baseline(progress_for("baseline"))
-                if measure_onnx:
-                    self.stage_onnx(model, base, None)
-                self.finish_part(state, model, base, [])
+
+                def finish_baseline() -> StageResult:
+                    if measure_onnx:
+                        self.stage_onnx(model, base, None)
+                    self.finish_part(state, model, base, [])
+                    return base
+
+                base = on_main(finish_baseline)
             baseline_model = copy.deepcopy(model)
             self.baseline_model = baseline_model
             kept_model, kept = baseline_model, base
@@ -571,13 +630,23 @@ class Runner:
                     kept_model, kept = model, result
                     continue
                 model, result = self.run_stage(model, index, progress_for(stage.name))
+
+                def finish_stage(
+                    model: nn.Module = model,
+                    result: StageResult = result,
+                    previous: StageResult = previous,
+                    index: int = index,
+                ) -> StageResult:
+                    if measure_onnx:
+                        self.stage_onnx(model, result, previous)
+                    self.check_gate(result, index, base)
+                    self.log_stage(result)
+                    self.finish_part(state, model, result, self.stage_states)
+                    return result
+
+                result = on_main(finish_stage)  # rank 0's gate decision holds for every rank
                 results.append(result)
-                if measure_onnx:
-                    self.stage_onnx(model, result, previous)
-                passed = self.check_gate(result, index, base)
-                self.log_stage(result)
-                self.finish_part(state, model, result, self.stage_states)
-                if passed or self.recipe.gate.on_violation == "warn":
+                if result.gate["passed"] or self.recipe.gate.on_violation == "warn":
                     kept_model, kept = model, result
                 else:
                     reasons = "; ".join(result.gate["violations"])
@@ -585,30 +654,48 @@ class Runner:
                     self.console.print(f"[bold red]stopped[/]: {stopped}")
                     break
             self.summaries = None
-        artifacts = self.export(baseline_model, kept_model, base, kept)
-        run = RunResult(
-            recipe=self.recipe.name,
-            task=self.task.name,
-            metric_name=self.task.metric_name,
-            run_dir=str(self.run_dir),
-            baseline=base,
-            stages=results,
-            artifacts=artifacts,
-            wall_s=round(time.perf_counter() - start, 3),
-            kept=kept.name,
-            stopped=stopped,
-            environment={
-                "cpu": cpu_info(),
-                "torch_threads": torch.get_num_threads(),
-                "ort_threads": self.recipe.export.latency_threads,
-            },
-        )
-        atomic_write_json(self.run_dir / "metrics.json", run.to_dict())
-        write_report(self.run_dir, run.to_dict())
-        state["finished"] = True
-        self.checkpoints.save_state(state)
+
+        def write_outputs() -> RunResult:
+            artifacts = self.export(baseline_model, kept_model, base, kept)
+            run = RunResult(
+                recipe=self.recipe.name,
+                task=self.task.name,
+                metric_name=self.task.metric_name,
+                run_dir=str(self.run_dir),
+                baseline=base,
+                stages=results,
+                artifacts=artifacts,
+                wall_s=round(time.perf_counter() - start, 3),
+                kept=kept.name,
+                stopped=stopped,
+                environment={
+                    "cpu": cpu_info(),
+                    "torch_threads": torch.get_num_threads(),
+                    "ort_threads": self.recipe.export.latency_threads,
+                    "processes": world_size(),
+                },
+            )
+            atomic_write_json(self.run_dir / "metrics.json", run.to_dict())
+            write_report(self.run_dir, run.to_dict())
+            state["finished"] = True
+            self.checkpoints.save_state(state)
+            return run
+
+        run = on_main(write_outputs)
         self.model = kept_model
         return run
+
+    def load_resume_state(self, fingerprint: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The run state and the part in progress of the run being resumed (checked against
+        the recipe's ``fingerprint``)."""
+        state = self.checkpoints.load_state()
+        if state.get("recipe") != fingerprint:
+            raise CheckpointError(
+                f"{self.run_dir} was run with a different recipe than {self.recipe.name!r}"
+            )
+        if state.get("finished"):
+            raise ConfigError(f"the run in {self.run_dir} already finished; nothing to resume")
+        return state, self.checkpoints.load_progress()
 
     def finish_part(
         self,
@@ -644,7 +731,7 @@ def run_recipe(
     console: Console | None = None,
 ) -> RunResult:
     """Validate the run folder, run the recipe, print and return the result."""
-    path = resolve_run_dir(recipe.name, run_dir)
+    path = on_main(resolve_run_dir, recipe.name, run_dir)  # rank 0 picks it, for every rank
     runner = Runner(recipe, path, console=console, progress=progress)
     return runner.run()
 
@@ -661,12 +748,17 @@ def resume_run(
     from slimkit.recipe.schema import load_recipe
 
     path = Path(run_dir)
-    if not path.is_dir():
-        raise ConfigError(f"run folder to resume not found: {path}")
-    saved = load_recipe(path / "recipe.yaml")
-    if recipe is not None and recipe != saved:
-        raise ConfigError(
-            f"the recipe differs from the one {path} was started with ({path / 'recipe.yaml'}); "
-            "resume without a recipe, or start a new run"
-        )
+
+    def saved_recipe() -> Recipe:
+        if not path.is_dir():
+            raise ConfigError(f"run folder to resume not found: {path}")
+        saved = load_recipe(path / "recipe.yaml")
+        if recipe is not None and recipe != saved:
+            raise ConfigError(
+                f"the recipe differs from the one {path} was started with "
+                f"({path / 'recipe.yaml'}); resume without a recipe, or start a new run"
+            )
+        return saved
+
+    saved = on_main(saved_recipe)  # rank 0 reads the run folder, for every rank
     return Runner(saved, path, console=console, progress=progress).run(resume=True)
