@@ -93,8 +93,9 @@ def init_from_env(backend: str | None = None, timeout: float | timedelta | None 
 
     ``backend``: default ``gloo``, or ``cpu:gloo,cuda:nccl`` when CUDA is available (CPU
     tensors then travel over gloo, CUDA tensors over NCCL; each process uses GPU
-    ``LOCAL_RANK``). ``timeout`` (seconds or a timedelta, default :data:`DEFAULT_TIMEOUT_S`)
-    bounds every collective, so a rank that stops answering fails the job instead of hanging it.
+    ``LOCAL_RANK`` where there is one). ``timeout`` (seconds or a timedelta, default
+    :data:`DEFAULT_TIMEOUT_S`) bounds every collective, so a rank that stops answering fails the
+    job instead of hanging it.
     Without torchrun's variables, or when a group exists already, nothing happens.
     """
     if _initialized() or not launched_by_torchrun():
@@ -103,8 +104,9 @@ def init_from_env(backend: str | None = None, timeout: float | timedelta | None 
         raise ConfigError("torch.distributed is not available in this PyTorch build")
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    if "nccl" in backend and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "nccl" in backend and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
     seconds = DEFAULT_TIMEOUT_S if seconds is None else float(seconds)
     if seconds <= 0:
