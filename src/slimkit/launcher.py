@@ -5,10 +5,12 @@ The command re-launches itself as ``python -m torch.distributed.run --standalone
 --nproc-per-node N -m slimkit.cli compress ...`` (torchrun's own launcher: a rendezvous on a
 free local port, workers watched, every worker stopped when one fails). Each worker joins the
 process group with :func:`slimkit.distributed.init_from_env` (gloo on CPU, NCCL for CUDA
-tensors). A worker that fails writes ``rank-R.json`` (rank, message, exit code, traceback) into
-the folder ``SLIMKIT_ERROR_DIR`` names, prints ``slimkit: error: rank R failed: ...`` and
-exits; the launcher then prints the first failure as its last line, instead of torchrun's
-report, and exits with that worker's code (2 for a slimkit error, 1 otherwise).
+tensors). A worker that fails writes ``rank-R.json`` (rank, message, exit code, time) and
+``rank-R.traceback.txt`` into the folder ``SLIMKIT_ERROR_DIR`` names, prints ``slimkit: error:
+rank R failed: ...`` and exits; the launcher then prints the first failure as its last line,
+instead of torchrun's report, and exits with that worker's code (2 for a slimkit error, 1
+otherwise). For an unexpected exception (not a slimkit error) the line ends with the path of
+the kept traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +28,7 @@ import traceback
 from pathlib import Path
 
 from slimkit.errors import SlimkitError
-from slimkit.io import atomic_write_json
+from slimkit.io import atomic_write_json, atomic_write_text
 
 __all__ = ["ERROR_DIR_ENV", "launch", "record_failure", "torchrun_command"]
 
@@ -66,14 +69,9 @@ def record_failure(exc: BaseException, exit_code: int) -> str:
     stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     folder = os.environ.get(ERROR_DIR_ENV)
     if folder:
-        record = {
-            "rank": rank,
-            "message": message,
-            "exit_code": exit_code,
-            "time": time.time(),
-            "traceback": stack,
-        }
+        record = {"rank": rank, "message": message, "exit_code": exit_code, "time": time.time()}
         try:
+            atomic_write_text(Path(folder) / f"rank-{rank}.traceback.txt", stack)
             atomic_write_json(Path(folder) / f"rank-{rank}.json", record)
         except OSError:
             pass  # the message still reaches stderr
@@ -120,38 +118,53 @@ def launch(nproc: int, argv: list[str], *, timeout: float) -> tuple[int, str | N
 
     Standard output passes through; standard error too, until a worker fails, after which
     torchrun's own report is held back. Returns the exit code and, on failure, the one-line
-    message (``rank R failed: ...``) for the caller to print.
+    message (``rank R failed: ...``, naming the first rank that failed) for the caller to print.
     """
-    with tempfile.TemporaryDirectory(prefix="slimkit-ranks-") as folder:
-        env = dict(os.environ)
-        env[ERROR_DIR_ENV] = folder
-        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
-        command = torchrun_command(nproc, argv, timeout=timeout)
-        held: list[str] = []
-        failing = False
-        try:
-            proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-        except OSError as exc:
-            return 1, f"cannot start torchrun: {exc}"
-        try:
-            for line in proc.stderr or ():
-                if line.startswith("slimkit: error: rank "):
-                    failing = True
-                    continue  # the launcher prints the first failure itself
-                failing = failing or any(mark in line for mark in _TORCHRUN_NOISE)
-                if failing:
-                    held.append(line)
-                else:
-                    sys.stderr.write(line)
-                    sys.stderr.flush()
-            code = proc.wait()
-        except KeyboardInterrupt:
-            proc.wait()  # torchrun stops its workers on the same SIGINT
-            return 130, "interrupted"
-        if code == 0:
-            sys.stderr.writelines(held)
-            return 0, None
-        failure = _first_failure(Path(folder))
-        if failure is not None:
-            return int(failure.get("exit_code") or 1), str(failure["message"])
-        return 1, _from_torchrun_report(held, code)
+    folder = Path(tempfile.mkdtemp(prefix="slimkit-ranks-"))
+    keep = False
+    try:
+        code, failure = _run_torchrun(nproc, argv, timeout, folder)
+        first = _first_failure(folder)
+        if code and first is not None:
+            code, failure = int(first.get("exit_code") or 1), str(first["message"])
+            trace = folder / f"rank-{first.get('rank')}.traceback.txt"
+            if code != 2 and trace.is_file():  # not a slimkit error: keep where it came from
+                keep, failure = True, f"{failure} (traceback: {trace})"
+        return code, failure
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_torchrun(
+    nproc: int, argv: list[str], timeout: float, folder: Path
+) -> tuple[int, str | None]:
+    env = dict(os.environ)
+    env[ERROR_DIR_ENV] = str(folder)
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
+    command = torchrun_command(nproc, argv, timeout=timeout)
+    held: list[str] = []
+    failing = False
+    try:
+        proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        return 1, f"cannot start torchrun: {exc}"
+    try:
+        for line in proc.stderr or ():
+            if line.startswith("slimkit: error: rank "):
+                failing = True
+                continue  # the launcher prints the first failure itself
+            failing = failing or any(mark in line for mark in _TORCHRUN_NOISE)
+            if failing:
+                held.append(line)
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()  # torchrun stops its workers on the same SIGINT
+        return 130, "interrupted"
+    if code == 0:
+        sys.stderr.writelines(held)
+        return 0, None
+    return 1, _from_torchrun_report(held, code)
