@@ -1,0 +1,448 @@
+"""Knowledge distillation on digits: scratch vs KD vs KD+hint, prune+KD, W4A8 QAT+KD, full recipe.
+
+For each seed (the digits split, the 20% label subset, the init and the data order all follow it):
+
+1. teacher: ``DigitsResNet(width=16)`` trained on the full train split (Adam, cosine decay);
+   student: ``DigitsResNet(width=4)`` (1/4 width) trained on a fixed stratified 20% subset of the
+   train split (the same subset, init and batch order for every method) for the same number of
+   epochs: (a) from scratch (cross-entropy), (b) + soft labels (KL, T=4; the teacher sees the
+   same batches), (c) + soft labels + a FitNets hint ``layer3 -> layer3`` (1x1 adapter),
+   (d) + soft labels + attention transfer on ``layer2`` and ``layer3``;
+2. the teacher magnitude-pruned (global, one-shot) to 80% / 90% and fine-tuned on the subset,
+   with and without KD from the unpruned teacher;
+3. W4A8 QAT (LSQ) of the teacher, fine-tuned on the subset, with and without KD (accuracy of the
+   fake-quantized model);
+4. once (seed of the recipe): ``recipes/digits_full.yaml`` through ``run_recipe`` (structured
+   prune to 50% FLOPs + KD + int8 static PTQ, packed int8 checkpoint, ONNX, ORT latency).
+
+Run: python -m benchmarks.kd_digits [--seeds 0 1 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from benchmarks.common import environment, md_table, update_readme_section, write_result
+from slimkit import Compressor, MagnitudePruningConfig, QATConfig
+from slimkit.distill import (
+    Distillation,
+    DistillationConfig,
+    FeaturePairConfig,
+    SoftLabelConfig,
+    frozen_copy,
+)
+from slimkit.models.cnn import DigitsResNet
+from slimkit.tasks.digits import make_digits_task
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "digits_full.yaml"
+
+
+def subset_loader_factory(task, fraction: float, seed: int, batch_size: int = 64):
+    """A stratified ``fraction`` of the train split (fixed for ``seed``) and its loader factory."""
+    dataset = task.train_loader(0).dataset
+    labels = dataset.tensors[1].numpy()
+    keep, _ = train_test_split(
+        list(range(len(labels))), train_size=fraction, stratify=labels, random_state=seed
+    )
+    subset = Subset(dataset, sorted(keep))
+
+    def loader(epoch_seed: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(epoch_seed)
+        return DataLoader(subset, batch_size, shuffle=True, generator=generator)
+
+    return loader, len(subset)
+
+
+def kd_technique(teacher: nn.Module, task, pairs: list[FeaturePairConfig]) -> Distillation:
+    config = DistillationConfig(
+        teacher="baseline",
+        soft_label=SoftLabelConfig(loss="kl", temperature=4.0, weight=1.0),
+        pairs=pairs,
+        task_weight=1.0,
+    )
+    kd = Distillation(config).bind(frozen_copy(teacher), task.forward)
+    kd.example_inputs = task.example_inputs
+    return kd
+
+
+def train(model, task, loader, epochs: int, lr: float, seed: int, techniques=()) -> nn.Module:
+    """Adam + cosine decay over the budget; ``techniques`` (distill first) go in a Compressor.
+
+    Returns the applied (not yet finalized) compressor, or None without techniques; the loss is
+    ``task_weight * task_loss + compressor.loss(outputs, batch)``.
+    """
+    compressor = Compressor(list(techniques)).apply(model) if techniques else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if compressor is not None:
+        params += [p for p in compressor.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    total = max(1, epochs * len(loader(0)))
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    task_weight = 1.0
+    for t in techniques:
+        if isinstance(t, Distillation):
+            task_weight = t.config.task_weight
+    for epoch in range(epochs):
+        model.train()
+        for batch in loader(seed * 100 + epoch):
+            outputs = task.forward(model, batch)
+            loss = task_weight * task.loss(outputs, batch)
+            if compressor is not None:
+                loss = loss + compressor.loss(outputs, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            decay.step()
+            if compressor is not None:
+                compressor.step()
+    return compressor
+
+
+def hint_pairs() -> list[FeaturePairConfig]:
+    return [FeaturePairConfig(student="layer3", teacher="layer3", loss="hint", weight=1.0)]
+
+
+def attention_pairs() -> list[FeaturePairConfig]:
+    return [
+        FeaturePairConfig(student=name, teacher=name, loss="attention", weight=1.0)
+        for name in ("layer2", "layer3")
+    ]
+
+
+def student_runs(task, teacher, loader, args, seed) -> dict[str, float]:
+    out = {}
+    for name, pairs in (
+        ("scratch", None),
+        ("kd", []),
+        ("kd+hint", hint_pairs()),
+        ("kd+attention", attention_pairs()),
+    ):
+        torch.manual_seed(seed)
+        student = DigitsResNet(width=args.student_width)
+        techniques = [] if pairs is None else [kd_technique(teacher, task, pairs)]
+        compressor = train(student, task, loader, args.epochs, args.lr, seed, techniques)
+        if compressor is not None:
+            student = compressor.finalize()
+        out[name] = task.metric(student, task.test_loader)
+        print(f"seed {seed} student {name:<14} {out[name]:.4f}", flush=True)
+    return out
+
+
+def prune_runs(task, teacher, loader, args, seed) -> dict[str, float]:
+    out = {}
+    for sparsity in args.sparsities:
+        for use_kd in (False, True):
+            torch.manual_seed(seed)
+            model = copy.deepcopy(teacher)
+            techniques: list[Any] = [kd_technique(teacher, task, [])] if use_kd else []
+            techniques.append(MagnitudePruningConfig(sparsity=sparsity, ranking="global"))
+            compressor = train(model, task, loader, args.prune_epochs, args.ft_lr, seed, techniques)
+            model = compressor.finalize()
+            name = f"prune {sparsity:.0%}" + (" + KD" if use_kd else "")
+            out[name] = task.metric(model, task.test_loader)
+            print(f"seed {seed} {name:<22} {out[name]:.4f}", flush=True)
+        model = copy.deepcopy(teacher)
+        compressor = Compressor([MagnitudePruningConfig(sparsity=sparsity, ranking="global")])
+        model = compressor.apply(model).finalize()
+        out[f"prune {sparsity:.0%} one-shot (no fine-tune)"] = task.metric(model, task.test_loader)
+    return out
+
+
+def qat_runs(task, teacher, loader, args, seed) -> dict[str, float]:
+    out = {}
+    for use_kd in (False, True):
+        torch.manual_seed(seed)
+        model = copy.deepcopy(teacher)
+        techniques: list[Any] = [kd_technique(teacher, task, [])] if use_kd else []
+        techniques.append(QATConfig(wbits=4, abits=8, method="lsq"))
+        compressor = train(model, task, loader, args.qat_epochs, args.ft_lr, seed, techniques)
+        name = "W4A8 QAT" + (" + KD" if use_kd else "")
+        out[name] = task.metric(model, task.test_loader)  # fake-quantized weights and inputs
+        compressor.finalize()
+        print(f"seed {seed} {name:<22} {out[name]:.4f}", flush=True)
+    return out
+
+
+def run_full_recipe(run_dir: Path) -> dict[str, Any]:
+    from slimkit.recipe.runner import run_recipe
+    from slimkit.recipe.schema import load_recipe
+
+    start = time.perf_counter()
+    run_recipe(load_recipe(RECIPE), run_dir, progress=False)
+    wall = time.perf_counter() - start
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return {"wall_s": wall, "metrics": metrics}
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    return {
+        "per_seed": values,
+        "mean": statistics.fmean(values),
+        "spread": max(values) - min(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help="short budgets (smoke run)")
+    parser.add_argument("--fraction", type=float, default=0.2, help="labelled train fraction")
+    parser.add_argument("--teacher-epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=40, help="student epochs (all methods)")
+    parser.add_argument("--prune-epochs", type=int, default=2)
+    parser.add_argument("--qat-epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="student lr")
+    parser.add_argument("--ft-lr", type=float, default=1e-3, help="prune/QAT fine-tune lr")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
+    parser.add_argument("--student-width", type=int, default=4)
+    parser.add_argument("--teacher-width", type=int, default=16)
+    parser.add_argument("--no-recipe", action="store_true", help="skip the full recipe run")
+    parser.add_argument("--recipe-metrics", type=Path, help="reuse a finished run's metrics.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.teacher_epochs, args.epochs, args.qat_epochs = 5, 10, 1
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    per_seed: dict[str, list[float]] = {}
+    teacher_acc = []
+    subset_size = 0
+    for seed in args.seeds:
+        task = make_digits_task(seed=seed, width=args.teacher_width)
+        torch.manual_seed(seed)
+        teacher = task.make_model()
+        train(teacher, task, task.train_loader, args.teacher_epochs, 3e-3, seed + 10_000)
+        teacher_acc.append(task.metric(teacher, task.test_loader))
+        print(f"seed {seed} teacher {teacher_acc[-1]:.4f}", flush=True)
+        loader, subset_size = subset_loader_factory(task, args.fraction, seed)
+        results = {}
+        results.update(student_runs(task, teacher, loader, args, seed))
+        results.update(prune_runs(task, teacher, loader, args, seed))
+        results.update(qat_runs(task, teacher, loader, args, seed))
+        for name, value in results.items():
+            per_seed.setdefault(name, []).append(value)
+    summary = {name: stats(values) for name, values in per_seed.items()}
+    teacher_stats = stats(teacher_acc)
+
+    recipe: dict[str, Any] | None = None
+    if args.recipe_metrics is not None:
+        recipe = {
+            "wall_s": None,
+            "metrics": json.loads(args.recipe_metrics.read_text(encoding="utf-8")),
+            "source": str(args.recipe_metrics),
+        }
+    elif not args.no_recipe:
+        with tempfile.TemporaryDirectory() as tmp:
+            recipe = run_full_recipe(Path(tmp) / "digits_full")
+    recipe_summary = summarize_recipe(recipe["metrics"]) if recipe else None
+
+    checks = {}
+    scratch = summary["scratch"]
+    for method in ("kd", "kd+hint", "kd+attention"):
+        other = summary[method]
+        margin = other["mean"] - scratch["mean"]
+        checks[f"{method}_beats_scratch_by_more_than_spread"] = margin > max(
+            scratch["spread"], other["spread"]
+        )
+    if recipe_summary:
+        r = recipe_summary
+        checks["full_recipe_within_1pt_torch"] = r["drop_torch"] <= 0.01
+        checks["full_recipe_within_1pt_ort"] = r["drop_ort"] <= 0.01
+        checks["full_recipe_packed_le_0.125_of_dense"] = r["packed_ratio"] <= 0.125
+        checks["full_recipe_ge_2x_faster_ort_batch64"] = r["speedup"]["64"] >= 2.0
+    payload = {
+        "benchmark": "kd_digits",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "env": environment(),
+        "subset_size": subset_size,
+        "teacher": teacher_stats,
+        "methods": summary,
+        "recipe": recipe_summary,
+        "recipe_metrics": recipe["metrics"] if recipe else None,
+        "checks": checks,
+        "wall_s": time.perf_counter() - start,
+    }
+    write_result("kd_digits", payload)
+    text = render(args, payload)
+    update_readme_section("kd_digits", text)
+    print(text)
+
+
+def summarize_recipe(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Pull the numbers the issue asks for out of the run's ``metrics.json``."""
+    base = metrics["baseline"]
+    kept = next(s for s in metrics["stages"] if s["name"] == metrics["kept"])
+    art = metrics["artifacts"]
+    latency = art["onnx"]["latency"]
+    base_ms = {str(b): v for b, v in latency["median_ms"]["baseline"].items()}
+    model_ms = {str(b): v for b, v in latency["median_ms"]["model"].items()}
+    out: dict[str, Any] = {
+        "kept_stage": metrics["kept"],
+        "baseline_torch": base["test_metric"],
+        "final_torch": kept["test_metric"],
+        "baseline_ort": base["onnx"]["test_metric"],
+        "final_ort": art["onnx"]["test_accuracy"],
+        "baseline_macs": base["macs"],
+        "final_macs": kept["macs"],
+        "baseline_params": base["params"],
+        "final_params": kept["params"],
+        "packed_bytes": art["packed"]["bytes"],
+        "packed_values_dtype": art["packed"]["values_dtype"],
+        "dense_fp32_bytes": art["packed"]["dense_fp32_bytes"],
+        "packed_ratio": art["packed"]["ratio"],
+        "baseline_onnx_bytes": art["onnx"]["baseline_bytes"],
+        "final_onnx_bytes": art["onnx"]["model_bytes"],
+        "onnx_size_ratio": art["onnx"]["size_ratio"],
+        "ort_threads": latency["threads"],
+        "baseline_latency_ms": base_ms,
+        "final_latency_ms": model_ms,
+        "speedup": {b: base_ms[b] / model_ms[b] for b in base_ms if b in model_ms},
+        "stages": [
+            {
+                "name": s["name"],
+                "test_torch": s["test_metric"],
+                "test_ort": (s.get("onnx") or {}).get("test_metric"),
+                "macs": s["macs"],
+                "params": s["params"],
+                "onnx_bytes": (s.get("onnx") or {}).get("bytes"),
+            }
+            for s in metrics["stages"]
+        ],
+    }
+    out["drop_torch"] = out["baseline_torch"] - out["final_torch"]
+    out["drop_ort"] = out["baseline_ort"] - out["final_ort"]
+    return out
+
+
+def fmt(stat: dict[str, Any]) -> str:
+    return f"{stat['mean']:.4f} ± {stat['spread'] / 2:.4f}"
+
+
+def render(args, payload: dict[str, Any]) -> str:
+    s = payload["methods"]
+    seeds = args.seeds
+    per = lambda name: ", ".join(f"{v:.4f}" for v in s[name]["per_seed"])  # noqa: E731
+    student_rows = [
+        [
+            name,
+            fmt(s[name]),
+            f"{s[name]['spread']:.4f}",
+            f"{s[name]['mean'] - s['scratch']['mean']:+.4f}",
+            per(name),
+        ]
+        for name in ("scratch", "kd", "kd+hint", "kd+attention")
+    ]
+    other = [n for n in s if n not in ("scratch", "kd", "kd+hint", "kd+attention")]
+    other_rows = [[name, fmt(s[name]), f"{s[name]['spread']:.4f}", per(name)] for name in other]
+    t = payload["teacher"]
+    lines = [
+        f"Digits (sklearn 8x8, stratified 70/15/15 split per seed; test set). Seeds {seeds}; "
+        f"mean ± half-range over seeds (spread = max - min). Teacher `DigitsResNet(width="
+        f"{args.teacher_width})` trained {args.teacher_epochs} epochs on the full train split "
+        f"(Adam 3e-3, cosine): **{t['mean']:.4f}** (spread {t['spread']:.4f}). Students "
+        f"`DigitsResNet(width={args.student_width})` trained {args.epochs} epochs on a stratified "
+        f"{args.fraction:.0%} label subset ({payload['subset_size']} images; same subset, init "
+        f"and batch order per seed for every method), Adam {args.lr}, cosine; KD = soft labels "
+        "(KL, T=4, weight 1) + cross-entropy (weight 1); hint = `layer3`→`layer3` MSE via a 1x1 "
+        "adapter; attention = attention transfer on `layer2`, `layer3`.",
+        "",
+        md_table(["student", "accuracy", "spread", "vs scratch", "per seed"], student_rows),
+        "",
+        f"Teacher-sized model compressed and fine-tuned on the same {args.fraction:.0%} subset "
+        f"(Adam {args.ft_lr}, cosine): global magnitude pruning, one-shot, {args.prune_epochs} "
+        f"epochs; W4A8 QAT (LSQ, per-channel 4-bit weights, 8-bit inputs) {args.qat_epochs} "
+        "epochs, accuracy of the fake-quantized model. KD = soft labels from the uncompressed "
+        "teacher.",
+        "",
+        md_table(["model", "accuracy", "spread", "per seed"], other_rows),
+    ]
+    r = payload["recipe"]
+    if r:
+        lat_rows = [
+            [
+                f"batch {b}",
+                f"{r['baseline_latency_ms'][b]:.4g}",
+                f"{r['final_latency_ms'][b]:.4g}",
+                f"x{r['speedup'][b]:.2f}",
+            ]
+            for b in sorted(r["baseline_latency_ms"], key=int)
+        ]
+        stage_rows = [
+            [
+                st["name"],
+                f"{st['test_torch']:.4f}",
+                "-" if st["test_ort"] is None else f"{st['test_ort']:.4f}",
+                st["macs"],
+                st["params"],
+                st["onnx_bytes"],
+            ]
+            for st in r["stages"]
+        ]
+        lines += [
+            "",
+            "Full recipe `recipes/digits_full.yaml` (seed 0, one run through "
+            "`slimkit.recipe.runner.run_recipe`): baseline = the width-16 model trained 15 "
+            "epochs on the full train split; structured prune to 50% FLOPs (sensitivity "
+            "allocation, widths rounded to 8) fine-tuned 10 epochs on the full train split with "
+            "KD from the baseline (soft labels T=4 + `layer3` hint), then int8 static PTQ; "
+            f"packed {r['packed_values_dtype']} checkpoint and ONNX QDQ; ORT on "
+            f"{r['ort_threads']} thread, final comparison timed interleaved by the runner.",
+            "",
+            md_table(
+                ["", "baseline", "full recipe"],
+                [
+                    [
+                        "test accuracy (torch)",
+                        f"{r['baseline_torch']:.4f}",
+                        f"{r['final_torch']:.4f}",
+                    ],
+                    ["test accuracy (ORT)", f"{r['baseline_ort']:.4f}", f"{r['final_ort']:.4f}"],
+                    ["MACs", r["baseline_macs"], r["final_macs"]],
+                    ["params", r["baseline_params"], r["final_params"]],
+                    [
+                        "checkpoint bytes",
+                        f"{r['dense_fp32_bytes']} (dense fp32)",
+                        f"{r['packed_bytes']} (packed, x{r['packed_ratio']:.3f})",
+                    ],
+                    [
+                        "ONNX bytes",
+                        r["baseline_onnx_bytes"],
+                        f"{r['final_onnx_bytes']} (x{r['onnx_size_ratio']:.3f})",
+                    ],
+                ],
+            ),
+            "",
+            md_table(
+                ["stage", "test (torch)", "test (ORT)", "MACs", "params", "ONNX bytes"], stage_rows
+            ),
+            "",
+            md_table(["ORT latency (ms)", "baseline", "full recipe", "speedup"], lat_rows),
+        ]
+    lines += [
+        "",
+        "Checks: "
+        + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in payload["checks"].items()),
+        "",
+        f"Machine: {payload['env']['cpu']}; torch threads 1. Wall {payload['wall_s']:.0f} s.",
+        "",
+        f"Reproduce: `.venv/bin/python -m benchmarks.kd_digits {' '.join(sys.argv[1:])}`",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
