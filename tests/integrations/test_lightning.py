@@ -248,5 +248,5 @@ def test_bad_arguments_are_one_line_errors() -> None:
     callback = SlimkitCallback(MagnitudePruningConfig(sparsity=0.5), submodule="missing")
     with pytest.raises(ConfigError, match="submodule 'missing' not found"):
         trainer(callbacks=[callback]).fit(Lit(callback), make_loader())
-    with pytest.raises(ConfigError, match="expected one SlimkitCallback"):
+    with pytest.raises(ConfigError, match="expected one CompressionCallback"):
         SlimkitCallback.of(trainer())

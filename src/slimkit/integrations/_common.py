@@ -10,6 +10,7 @@ techniques' loss, flatten technique scalars for a logger, and the end of trainin
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from types import ModuleType
 from typing import Any, TypeAlias
@@ -22,8 +23,11 @@ from slimkit.core.config import Config
 from slimkit.core.technique import Technique
 from slimkit.errors import ConfigError, StateError
 
-Techniques: TypeAlias = Compressor | Technique | Config | Sequence[Technique | Config]
-"""A ready :class:`Compressor`, one technique (or its config), or a list of them."""
+Techniques: TypeAlias = (
+    Compressor | Technique | Config | Sequence[Technique | Config] | str | os.PathLike
+)
+"""A ready :class:`Compressor`, one technique (or its config), a list of them, or a recipe: a
+:class:`~slimkit.recipe.schema.Recipe` or the path of its YAML file (one stage's techniques)."""
 
 STATE_VERSION = 1
 
@@ -39,8 +43,59 @@ def require(module: str, package: str, integration: str) -> ModuleType:
         ) from None
 
 
-def make_compressor(techniques: Techniques, example_inputs: Any = None) -> Compressor:
-    """A Compressor from ``techniques`` (returned as is when it is one already)."""
+def _is_recipe(value: Any) -> bool:
+    if isinstance(value, (str, os.PathLike)):
+        return True
+    schema = importlib.import_module("slimkit.recipe.schema")
+    return isinstance(value, schema.Recipe)
+
+
+def recipe_stage_techniques(recipe: Any, stage: str | int | None = None) -> list[Config]:
+    """The technique configs of one stage of ``recipe`` (a Recipe or a YAML path).
+
+    ``stage``: the stage's name or index; may be left out when the recipe has one stage.
+    """
+    schema = importlib.import_module("slimkit.recipe.schema")
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = schema.load_recipe(recipe)
+    names = [s.name for s in recipe.stages]
+    if stage is None:
+        if len(names) > 1:
+            raise ConfigError(
+                f"recipe {recipe.name!r} has {len(names)} stages ({', '.join(names)}): "
+                "pass stage='name' or stage=index"
+            )
+        index = 0
+    elif isinstance(stage, bool) or not isinstance(stage, (str, int)):
+        raise ConfigError(f"stage must be a stage name or index, got {stage!r}")
+    elif isinstance(stage, int):
+        if not -len(names) <= stage < len(names):
+            raise ConfigError(
+                f"stage index {stage} is out of range: recipe {recipe.name!r} has "
+                f"{len(names)} stage(s) ({', '.join(names)})"
+            )
+        index = stage % len(names)
+    elif stage in names:
+        index = names.index(stage)
+    else:
+        raise ConfigError(
+            f"recipe {recipe.name!r} has no stage {stage!r}; its stages: {', '.join(names)}"
+        )
+    techniques = list(recipe.stages[index].techniques)
+    if not techniques:
+        raise ConfigError(f"stage {names[index]!r} of recipe {recipe.name!r} has no techniques")
+    return techniques
+
+
+def make_compressor(
+    techniques: Techniques, example_inputs: Any = None, stage: str | int | None = None
+) -> Compressor:
+    """A Compressor from ``techniques`` (returned as is when it is one already), or from the
+    techniques of ``stage`` when ``techniques`` is a recipe (a Recipe or its YAML path)."""
+    if _is_recipe(techniques):
+        techniques = recipe_stage_techniques(techniques, stage)
+    elif stage is not None:
+        raise ConfigError("stage= selects a recipe stage: pass a recipe (or its YAML path) with it")
     if isinstance(techniques, Compressor):
         if example_inputs is not None:
             raise ConfigError(
@@ -52,7 +107,7 @@ def make_compressor(techniques: Techniques, example_inputs: Any = None) -> Compr
         techniques = [techniques]
     if isinstance(techniques, (str, bytes)) or not isinstance(techniques, Sequence):
         raise ConfigError(
-            "expected a Compressor, a technique, a technique config or a list of them, "
+            "expected a Compressor, a technique, a technique config, a list of them or a recipe, "
             f"got {type(techniques).__name__}"
         )
     if not techniques:
@@ -87,10 +142,11 @@ class CompressorDriver:
         calibration_batches: Iterable[Any] | None = None,
         example_inputs: Any = None,
         finalize_at_end: bool = False,
+        stage: str | int | None = None,
     ) -> None:
         if submodule is not None and (not isinstance(submodule, str) or not submodule):
             raise ConfigError(f"submodule must be a dotted attribute path, got {submodule!r}")
-        self.compressor = make_compressor(techniques, example_inputs)
+        self.compressor = make_compressor(techniques, example_inputs, stage)
         self.submodule = submodule
         self.calibration_batches = calibration_batches
         self.finalize_at_end = bool(finalize_at_end)

@@ -1,5 +1,8 @@
 """Hugging Face ``transformers.Trainer``: ``SlimkitTrainerCallback`` and ``SlimkitTrainer``.
 
+The public names are in :mod:`slimkit.integrations.transformers`: ``CompressionCallback`` (this
+``SlimkitTrainerCallback``) and ``CompressionTrainer`` (this ``SlimkitTrainer``).
+
 ::
 
     from slimkit.integrations.huggingface import SlimkitTrainer, SlimkitTrainerCallback
@@ -88,8 +91,10 @@ def forward_batch(model: nn.Module, batch: Any) -> Any:
 class SlimkitTrainerCallback(TrainerCallback):
     """A ``TrainerCallback`` that applies, steps and finalizes a Compressor (module docstring).
 
-    ``compressor``: a Compressor, a technique or technique config, or a list of them.
-    ``submodule``: dotted attribute path of the model to compress inside the Trainer's model.
+    ``compressor``: a Compressor, a technique or technique config, a list of them, or a recipe
+    (a Recipe or its YAML path) whose ``stage`` (name or index; needed when the recipe has several
+    stages) gives the techniques. ``submodule``: dotted attribute path of the model to compress
+    inside the Trainer's model.
     ``calibration_batches``: re-iterable batches for ``before_training``/``after_training``.
     ``example_inputs``: for techniques that trace the model (structured pruning, adapters).
     """
@@ -102,6 +107,7 @@ class SlimkitTrainerCallback(TrainerCallback):
         calibration_batches: Iterable[Any] | None = None,
         example_inputs: Any = None,
         finalize_on_train_end: bool = False,
+        stage: str | int | None = None,
     ) -> None:
         self.driver = CompressorDriver(
             compressor,
@@ -109,6 +115,7 @@ class SlimkitTrainerCallback(TrainerCallback):
             calibration_batches=calibration_batches,
             example_inputs=example_inputs,
             finalize_at_end=finalize_on_train_end,
+            stage=stage,
         )
         self._logged_step = -1
 

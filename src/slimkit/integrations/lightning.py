@@ -1,11 +1,12 @@
-"""PyTorch Lightning: ``SlimkitCallback`` drives a Compressor from ``Trainer.fit``.
+"""PyTorch Lightning: ``CompressionCallback`` drives a Compressor from ``Trainer.fit``.
 
 ::
 
     import pytorch_lightning as pl            # or: import lightning.pytorch as pl
-    from slimkit.integrations.lightning import SlimkitCallback
+    from slimkit.integrations.lightning import CompressionCallback
 
-    slimkit = SlimkitCallback([MagnitudePruningConfig(schedule=...)], submodule="net")
+    slimkit = CompressionCallback([MagnitudePruningConfig(schedule=...)], submodule="net")
+    # or one stage of a recipe: CompressionCallback("recipe.yaml", stage="prune", submodule="net")
 
     class Lit(pl.LightningModule):
         def training_step(self, batch, batch_idx):
@@ -48,7 +49,15 @@ What the callback does, hook by hook:
 Losses: Lightning only sees the loss ``training_step`` returns, so a technique that adds a loss
 (distillation) needs ``callback.training_loss(task_loss, outputs, batch)`` there
 (``task_loss_weight * task_loss + compressor.loss(outputs, batch)``); reach the callback through
-a reference you keep or ``SlimkitCallback.of(self.trainer)``.
+a reference you keep or ``CompressionCallback.of(self.trainer)``.
+
+DDP: use Lightning's own strategy (``pl.Trainer(strategy="ddp", devices=N)``). Every rank applies
+the same techniques to its replica; the techniques keep their decisions identical across ranks
+(magnitude masks are broadcast from rank 0, EMA/Taylor importances and QAT range statistics are
+averaged) through :mod:`slimkit.distributed`, which uses the process group the strategy created.
+
+``SlimkitCallback`` is the former name of ``CompressionCallback`` and stays an alias (the
+checkpoint key is still ``SlimkitCallback{...}``, so older checkpoints resume).
 
 Works with the ``pytorch_lightning`` and the ``lightning.pytorch`` Trainer: the callback derives
 from the ``Callback`` class of each one installed.
@@ -68,7 +77,7 @@ from slimkit.core.technique import Technique
 from slimkit.errors import ConfigError, StateError
 from slimkit.integrations._common import CompressorDriver, Techniques, require, shorten
 
-__all__ = ["SlimkitCallback"]
+__all__ = ["CompressionCallback", "SlimkitCallback"]
 
 _FLAVOURS = ("lightning.pytorch", "pytorch_lightning")
 
@@ -93,11 +102,13 @@ def _lightning_root(trainer: Any) -> str:
     return next((name for name in _FLAVOURS if module.startswith(name + ".")), _FLAVOURS[1])
 
 
-class SlimkitCallback(*_callback_bases()):  # type: ignore[misc]
+class CompressionCallback(*_callback_bases()):  # type: ignore[misc]
     """A Lightning callback that applies, steps and finalizes a Compressor (module docstring).
 
     ``compressor``: a :class:`~slimkit.core.compressor.Compressor`, a technique or technique
-    config, or a list of them. ``submodule``: dotted attribute path of the model inside the
+    config, a list of them, or a recipe (a :class:`~slimkit.recipe.schema.Recipe` or its YAML
+    path) whose ``stage`` (name or index; needed when the recipe has several stages) gives the
+    techniques. ``submodule``: dotted attribute path of the model inside the
     LightningModule (None: the LightningModule itself). ``calibration_batches``: re-iterable
     batches for ``before_training`` (in ``setup``) and ``after_training`` (in ``on_fit_end``).
     ``example_inputs``: for techniques that trace the model (structured pruning, distillation
@@ -114,6 +125,7 @@ class SlimkitCallback(*_callback_bases()):  # type: ignore[misc]
         finalize_on_fit_end: bool = False,
         rebuild_optimizers: bool = True,
         name: str | None = None,
+        stage: str | int | None = None,
     ) -> None:
         super().__init__()
         self.driver = CompressorDriver(
@@ -122,6 +134,7 @@ class SlimkitCallback(*_callback_bases()):  # type: ignore[misc]
             calibration_batches=calibration_batches,
             example_inputs=example_inputs,
             finalize_at_end=finalize_on_fit_end,
+            stage=stage,
         )
         self.rebuild_optimizers = bool(rebuild_optimizers)
         self.name = name
@@ -155,20 +168,21 @@ class SlimkitCallback(*_callback_bases()):  # type: ignore[misc]
         return self.driver.scalars()
 
     @classmethod
-    def of(cls, trainer: Any, name: str | None = None) -> SlimkitCallback:
-        """The SlimkitCallback among ``trainer.callbacks`` (the one called ``name``)."""
+    def of(cls, trainer: Any, name: str | None = None) -> CompressionCallback:
+        """The CompressionCallback among ``trainer.callbacks`` (the one called ``name``)."""
         found = [
             c for c in trainer.callbacks if isinstance(c, cls) and (name is None or c.name == name)
         ]
         if len(found) != 1:
-            what = "SlimkitCallback" + (f" named {name!r}" if name is not None else "")
+            what = "CompressionCallback" + (f" named {name!r}" if name is not None else "")
             raise ConfigError(f"expected one {what} in trainer.callbacks, found {len(found)}")
         return found[0]
 
     # --- Lightning hooks ------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        # the former class name, so checkpoints written before the rename still resume
+        return f"SlimkitCallback{ ({'name': self.name})!r}"
 
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         self.driver.attach(pl_module)
@@ -259,3 +273,7 @@ class SlimkitCallback(*_callback_bases()):  # type: ignore[misc]
                 "compress a submodule (submodule='...') instead"
             )
         pl_module.set_submodule(self.driver.submodule, model)
+
+
+SlimkitCallback = CompressionCallback
+"""The former name of :class:`CompressionCallback`."""
