@@ -531,10 +531,14 @@ class Distillation(Technique):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore adapters (created from the saved shapes when missing) and the last losses.
 
-        Call after ``apply``; build the optimizer afterwards so it holds the adapters.
+        Call after ``apply``; build the optimizer afterwards so it holds the adapters. Without
+        ``apply`` (resume restoring a finished stage, whose adapters ``finalize`` dropped) only
+        the step count and the last losses are restored.
         """
         super().load_state_dict(state)
-        self._require_student()
+        if self._model is None:
+            self._last = {k: float(v) for k, v in state.get("last", {}).items()}
+            return
         for key, shapes in state.get("adapter_shapes", {}).items():
             s_shape, t_shape = tuple(shapes["student"]), tuple(shapes["teacher"])
             if key in self._adapter_shapes:

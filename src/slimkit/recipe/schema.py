@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from slimkit.core.config import Config
 from slimkit.distill.config import DistillationConfig
 from slimkit.errors import ConfigError
+from slimkit.prune.depth import DropLayersConfig
 from slimkit.prune.magnitude import MagnitudePruningConfig
 from slimkit.prune.structured import StructuredPruningConfig
 from slimkit.quant.dynamic import DynamicQuantConfig
@@ -33,7 +34,8 @@ TechniqueConfig = Annotated[
     | QATConfig
     | DynamicQuantConfig
     | WeightOnlyConfig
-    | DistillationConfig,
+    | DistillationConfig
+    | DropLayersConfig,
     Field(discriminator="kind"),
 ]
 

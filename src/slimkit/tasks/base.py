@@ -55,6 +55,7 @@ class Task:
 
 BUILTIN_TASKS: dict[str, str] = {
     "digits": "slimkit.tasks.digits:make_digits_task",
+    "sentence-embedding": "slimkit.tasks.sentences:make_sentence_task",
 }
 
 
