@@ -12,10 +12,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from slimkit.errors import CheckpointError
+from slimkit.state_dicts import load_into, load_state_dict_file
 
 __all__ = ["freeze", "frozen_copy", "load_teacher"]
 
@@ -38,26 +37,6 @@ def load_teacher(model: nn.Module, path: str | Path) -> nn.Module:
     ``.safetensors`` files are read with safetensors; anything else with
     ``torch.load(weights_only=True)``. Errors are one-line :class:`CheckpointError`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"teacher checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign files raise many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read teacher checkpoint {path}: {first}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"teacher checkpoint {path} does not hold a state_dict of tensors")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise CheckpointError(
-            f"teacher checkpoint {path} does not fit {type(model).__name__}: {detail}"
-        ) from None
+    what = "teacher checkpoint"
+    load_into(model, load_state_dict_file(path, what), str(path), what)
     return freeze(model)

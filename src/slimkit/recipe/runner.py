@@ -71,6 +71,7 @@ from slimkit.recipe.schema import Recipe, TrainBudget, dump_recipe
 from slimkit.report.html import write_report
 from slimkit.report.table import print_summary
 from slimkit.report.tensorboard import CompressionSummaries
+from slimkit.state_dicts import load_into, load_state_dict_file
 from slimkit.tasks.base import Task, load_task
 
 
@@ -89,36 +90,6 @@ def resolve_run_dir(name: str, run_dir: str | Path | None, *, root: str | Path =
         path = base.with_name(f"{name}-{n}")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from ``.safetensors`` or a torch file (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign files raise many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} does not hold a state_dict of tensors")
-    return state
-
-
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` with a one-line :class:`CheckpointError` on any mismatch."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise CheckpointError(
-            f"checkpoint {source} does not fit {type(model).__name__}: {detail}"
-        ) from None
 
 
 def make_optimizer(params: Iterable[nn.Parameter], budget: TrainBudget) -> torch.optim.Optimizer:
