@@ -7,6 +7,7 @@ prints: one column per stage, a last column with the change from the baseline to
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ class StageResult:
             onnx = dict(onnx)
             for key in ("latency_ms", "latency_ratio"):
                 if key in onnx:
-                    onnx[key] = {int(b): v for b, v in onnx[key].items()}
+                    onnx[key] = _int_keys(onnx[key])
         return cls(**{**data, "onnx": onnx})
 
 
@@ -73,6 +74,29 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        """Inverse of :meth:`to_dict` after a JSON round trip (batch-size keys back to int)."""
+        artifacts = json.loads(json.dumps(data.get("artifacts") or {}))
+        latency = (artifacts.get("onnx") or {}).get("latency")
+        if latency:
+            latency["ratio"] = _int_keys(latency.get("ratio", {}))
+            medians = latency.get("median_ms", {})
+            latency["median_ms"] = {n: _int_keys(v) for n, v in medians.items()}
+        return cls(
+            recipe=str(data.get("recipe", "")),
+            task=str(data.get("task", "")),
+            metric_name=str(data.get("metric_name", "metric")),
+            run_dir=str(data.get("run_dir", "")),
+            baseline=StageResult.from_dict(data["baseline"]),
+            stages=[StageResult.from_dict(s) for s in data.get("stages", [])],
+            artifacts=artifacts,
+            wall_s=float(data.get("wall_s", 0.0)),
+            kept=str(data.get("kept", "")),
+            stopped=data.get("stopped"),
+            environment=dict(data.get("environment") or {}),
+        )
 
     @property
     def final(self) -> StageResult:
@@ -188,6 +212,11 @@ class RunResult:
         if self.stopped:
             console.print(f"stopped: {self.stopped}")
         return console.export_text()
+
+
+def _int_keys(values: dict[Any, Any]) -> dict[Any, Any]:
+    """Batch-size keys back to int after JSON made them strings."""
+    return {int(k) if str(k).isdigit() else k: v for k, v in values.items()}
 
 
 def _stage_batches(results: list[StageResult]) -> list[Any]:

@@ -82,32 +82,12 @@ def _e(value: Any) -> str:
 
 
 def run_from_dict(metrics: dict[str, Any]) -> RunResult:
-    """The :class:`RunResult` whose ``to_dict()`` gave ``metrics`` (after a JSON round trip:
-    batch-size keys back to int)."""
-    artifacts = json.loads(json.dumps(metrics.get("artifacts") or {}))
-    latency = (artifacts.get("onnx") or {}).get("latency")
-    if latency:
-        latency["ratio"] = _int_keys(latency.get("ratio", {}))
-        latency["median_ms"] = {n: _int_keys(v) for n, v in latency.get("median_ms", {}).items()}
+    """The :class:`RunResult` whose ``to_dict()`` gave ``metrics`` (see ``RunResult.from_dict``);
+    ``ConfigError`` when ``metrics`` is not a run result."""
     try:
-        return RunResult(
-            recipe=str(metrics.get("recipe", "")),
-            task=str(metrics.get("task", "")),
-            metric_name=str(metrics.get("metric_name", "metric")),
-            run_dir=str(metrics.get("run_dir", "")),
-            baseline=StageResult.from_dict(metrics["baseline"]),
-            stages=[StageResult.from_dict(s) for s in metrics.get("stages", [])],
-            artifacts=artifacts,
-            wall_s=float(metrics.get("wall_s", 0.0)),
-            kept=str(metrics.get("kept", "")),
-            stopped=metrics.get("stopped"),
-        )
+        return RunResult.from_dict(metrics)
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"metrics: not a slimkit run result ({exc!r})") from None
-
-
-def _int_keys(values: dict[Any, Any]) -> dict[Any, Any]:
-    return {int(k) if str(k).isdigit() else k: v for k, v in values.items()}
 
 
 def _sensitivity_reports(run_dir: Path) -> dict[str, SensitivityReport | str]:
