@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimkit.errors import CheckpointError, ConfigError
+from slimkit.models.transformer import random_bert
 
 __all__ = [
     "SentenceEncoder",
@@ -92,27 +93,15 @@ def sentence_encoder_tiny(
 ) -> SentenceEncoder:
     """A random-weight BERT :class:`SentenceEncoder` with MiniLM's structure, for tests
     (seed with ``torch.manual_seed``; eager attention, no pooler, eval mode)."""
-    try:
-        from transformers import BertConfig, BertModel
-    except ImportError:
-        raise ConfigError(
-            "sentence_encoder_tiny needs the 'transformers' package; install it with "
-            "`pip install transformers`"
-        ) from None
-    if hidden_size % num_heads:
-        raise ConfigError(
-            f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
-        )
-    config = BertConfig(
+    transformer = random_bert(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
         intermediate_size=intermediate_size,
-        max_position_embeddings=max_position,
-        attn_implementation="eager",
+        max_position=max_position,
+        caller="sentence_encoder_tiny",
     )
-    transformer = BertModel(config, add_pooling_layer=False)
     return SentenceEncoder(transformer, max_seq_length=max_position).eval()
 
 

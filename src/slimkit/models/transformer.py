@@ -186,12 +186,37 @@ def bert_tiny_encoder(
     dropout: float = 0.1,
 ) -> BertClassifier:
     """A random-weight ``transformers`` BERT encoder (eager attention, ONNX-exportable)."""
+    encoder = random_bert(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position=max_position,
+        dropout=dropout,
+        caller="bert_tiny_encoder",
+    )
+    return BertClassifier(encoder, hidden_size, num_classes, dropout)
+
+
+def random_bert(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_position: int,
+    dropout: float = 0.1,
+    caller: str = "random_bert",
+) -> nn.Module:
+    """A random-weight ``transformers.BertModel`` without pooler, eager attention (exports to
+    ONNX); ``ConfigError`` when ``transformers`` is missing or the sizes do not fit."""
     try:
         from transformers import BertConfig, BertModel
     except ImportError as exc:
         raise ConfigError(
-            "bert_tiny_encoder needs the 'transformers' package; install it with "
-            "`pip install transformers`"
+            f"{caller} needs the 'transformers' package; install it with `pip install transformers`"
         ) from exc
     if hidden_size % num_heads:
         raise ConfigError(
@@ -208,5 +233,4 @@ def bert_tiny_encoder(
         attention_probs_dropout_prob=dropout,
         attn_implementation="eager",
     )
-    encoder = BertModel(config, add_pooling_layer=False)
-    return BertClassifier(encoder, hidden_size, num_classes, dropout)
+    return BertModel(config, add_pooling_layer=False)
