@@ -57,3 +57,51 @@ def md_table(columns: list[str], rows: list[list[Any]]) -> str:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+def train(
+    model: Any,
+    task: Any,
+    epochs: int,
+    lr: float,
+    seed: int,
+    *,
+    compressor: Any = None,
+    loader: Any = None,
+    on_step: Any = None,
+) -> None:
+    """The benchmarks' one training loop: Adam over the model's (and the compressor's own)
+    parameters, cosine decay over the whole budget, epoch ``e`` ordered by seed ``seed*100+e``.
+
+    ``loader(seed)`` defaults to ``task.train_loader``; the loss is the task loss (scaled by the
+    compressor's ``task_loss_weight``) plus ``compressor.loss``; after every optimizer step the
+    compressor steps, then ``on_step(step)`` runs.
+    """
+    import torch
+
+    loader = loader or task.train_loader
+    params = [p for p in model.parameters() if p.requires_grad]
+    if compressor is not None:
+        params += [p for p in compressor.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader(0))))
+    weight = compressor.task_loss_weight if compressor is not None else 1.0
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        for batch in loader(seed * 100 + epoch):
+            outputs = task.forward(model, batch)
+            loss = task.loss(outputs, batch)
+            if weight != 1.0:
+                loss = weight * loss
+            if compressor is not None:
+                loss = loss + compressor.loss(outputs, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            decay.step()
+            step += 1
+            if compressor is not None:
+                compressor.step()
+            if on_step is not None:
+                on_step(step)

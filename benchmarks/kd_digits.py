@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.common import environment, md_table, update_readme_section, write_result
+from benchmarks.common import train as common_train
 from slimkit import Compressor, MagnitudePruningConfig, QATConfig
 from slimkit.distill import (
     Distillation,
@@ -86,29 +87,7 @@ def train(model, task, loader, epochs: int, lr: float, seed: int, techniques=())
     ``task_weight * task_loss + compressor.loss(outputs, batch)``.
     """
     compressor = Compressor(list(techniques)).apply(model) if techniques else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    if compressor is not None:
-        params += [p for p in compressor.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    total = max(1, epochs * len(loader(0)))
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    task_weight = 1.0
-    for t in techniques:
-        if isinstance(t, Distillation):
-            task_weight = t.config.task_weight
-    for epoch in range(epochs):
-        model.train()
-        for batch in loader(seed * 100 + epoch):
-            outputs = task.forward(model, batch)
-            loss = task_weight * task.loss(outputs, batch)
-            if compressor is not None:
-                loss = loss + compressor.loss(outputs, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            decay.step()
-            if compressor is not None:
-                compressor.step()
+    common_train(model, task, epochs, lr, seed, compressor=compressor, loader=loader)
     return compressor
 
 

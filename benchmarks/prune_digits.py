@@ -31,6 +31,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from benchmarks.common import environment, md_table, update_readme_section, write_result
+from benchmarks.common import train as common_train
 from slimkit import NM, Block, Compressor, MagnitudePruningConfig, PolynomialSchedule, save_packed
 from slimkit.measure.latency import time_callable
 from slimkit.measure.size import dense_checkpoint_bytes
@@ -39,19 +40,7 @@ from slimkit.tasks.digits import make_digits_task
 
 def train(model: nn.Module, task, epochs: int, lr: float, seed: int, compressor=None) -> None:
     """Adam with cosine learning-rate decay over the whole budget (the same for every method)."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    total = max(1, epochs * len(task.train_loader(0)))
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    for epoch in range(epochs):
-        model.train()
-        for batch in task.train_loader(seed * 100 + epoch):
-            loss = task.loss(task.forward(model, batch), batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            decay.step()
-            if compressor is not None:
-                compressor.step()
+    common_train(model, task, epochs, lr, seed, compressor=compressor)
 
 
 def slimkit_method(

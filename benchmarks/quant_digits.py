@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import environment, update_readme_section, write_result
+from benchmarks.common import train as common_train
 from benchmarks.quant_digits_report import OBSERVERS, attach_latency, checks, render, summarise
 from slimkit import Compressor, MagnitudePruningConfig
 from slimkit.export.clips import drop_redundant_clips
@@ -72,27 +73,9 @@ MODELS = {"resnet": lambda: DigitsResNet(width=16), "mobilenet": lambda: mobilen
 # ------------------------------------------------------------------------------------ training
 def train(model: nn.Module, task, epochs: int, lr: float, seed: int, on_step=None) -> None:
     """Adam, cosine decay over the budget; ``on_step(step)`` after every optimizer step."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    total = max(1, epochs * len(task.train_loader(0)))
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     with timed("training"):
-        _train_epochs(model, task, epochs, seed, opt, decay, on_step)
+        common_train(model, task, epochs, lr, seed, on_step=on_step)
     model.eval()
-
-
-def _train_epochs(model, task, epochs, seed, opt, decay, on_step) -> None:
-    step = 0
-    for epoch in range(epochs):
-        model.train()
-        for batch in task.train_loader(seed * 100 + epoch):
-            loss = task.loss(task.forward(model, batch), batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            decay.step()
-            step += 1
-            if on_step is not None:
-                on_step(step)
 
 
 # ----------------------------------------------------------------------------- measurement
