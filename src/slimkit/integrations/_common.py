@@ -131,6 +131,34 @@ def held_parameters(optimizers: Iterable[torch.optim.Optimizer]) -> set[int]:
     return {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
 
 
+class DriverAccess:
+    """What a framework callback exposes of its :class:`CompressorDriver` (``self.driver``)."""
+
+    driver: CompressorDriver
+
+    @property
+    def compressor(self) -> Compressor:
+        """The :class:`~slimkit.core.compressor.Compressor` this callback drives."""
+        return self.driver.compressor
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The compressed model (the finalized one once training ended with finalize on)."""
+        finalized = self.driver.finalized_model
+        return finalized if finalized is not None else self.compressor.model
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The techniques' own trainable parameters: the optimizer must hold them."""
+        return self.driver.parameters()
+
+    def training_loss(
+        self, task_loss: torch.Tensor, outputs: Any = None, batch: Any = None
+    ) -> torch.Tensor:
+        """``task_loss_weight * task_loss + compressor.loss(outputs, batch)``: return it as the
+        training loss, right after the student's forward on ``batch``."""
+        return self.driver.training_loss(task_loss, outputs, batch)
+
+
 class CompressorDriver:
     """Framework-independent half of the callbacks (see the module docstring)."""
 

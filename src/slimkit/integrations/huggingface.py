@@ -49,7 +49,7 @@ task loss under gradient accumulation), ``create_optimizer`` adds the techniques
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from torch import nn
 from slimkit.errors import CheckpointError, StateError
 from slimkit.integrations._common import (
     CompressorDriver,
+    DriverAccess,
     Techniques,
     held_parameters,
     require,
@@ -88,7 +89,7 @@ def forward_batch(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-class SlimkitTrainerCallback(TrainerCallback):
+class SlimkitTrainerCallback(DriverAccess, TrainerCallback):
     """A ``TrainerCallback`` that applies, steps and finalizes a Compressor (module docstring).
 
     ``compressor``: a Compressor, a technique or technique config, a list of them, or a recipe
@@ -119,28 +120,7 @@ class SlimkitTrainerCallback(TrainerCallback):
         )
         self._logged_step = -1
 
-    # --- public ---------------------------------------------------------------------------------
-    @property
-    def compressor(self):
-        """The :class:`~slimkit.core.compressor.Compressor` this callback drives."""
-        return self.driver.compressor
-
-    @property
-    def model(self) -> nn.Module | None:
-        """The compressed model (the finalized one after ``finalize_on_train_end``)."""
-        finalized = self.driver.finalized_model
-        return finalized if finalized is not None else self.compressor.model
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """The techniques' own trainable parameters (``SlimkitTrainer`` adds them)."""
-        return self.driver.parameters()
-
-    def training_loss(
-        self, task_loss: torch.Tensor, outputs: Any = None, batch: Any = None
-    ) -> torch.Tensor:
-        """``task_loss_weight * task_loss + compressor.loss(outputs, batch)``."""
-        return self.driver.training_loss(task_loss, outputs, batch)
-
+    # --- public (also compressor, model, parameters, training_loss from DriverAccess) ----------
     def log_scalars(self) -> dict[str, float]:
         """The technique scalars once per compressor step (empty if already logged this step)."""
         step = self.compressor.step_count

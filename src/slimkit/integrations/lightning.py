@@ -67,15 +67,20 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from slimkit.core.technique import Technique
 from slimkit.errors import ConfigError, StateError
-from slimkit.integrations._common import CompressorDriver, Techniques, require, shorten
+from slimkit.integrations._common import (
+    CompressorDriver,
+    DriverAccess,
+    Techniques,
+    require,
+    shorten,
+)
 
 __all__ = ["CompressionCallback", "SlimkitCallback"]
 
@@ -102,7 +107,7 @@ def _lightning_root(trainer: Any) -> str:
     return next((name for name in _FLAVOURS if module.startswith(name + ".")), _FLAVOURS[1])
 
 
-class CompressionCallback(*_callback_bases()):  # type: ignore[misc]
+class CompressionCallback(DriverAccess, *_callback_bases()):  # type: ignore[misc]
     """A Lightning callback that applies, steps and finalizes a Compressor (module docstring).
 
     ``compressor``: a :class:`~slimkit.core.compressor.Compressor`, a technique or technique
@@ -140,29 +145,7 @@ class CompressionCallback(*_callback_bases()):  # type: ignore[misc]
         self.name = name
         self._seen_global_step = 0
 
-    # --- what the LightningModule calls ---------------------------------------------------------
-    @property
-    def compressor(self):
-        """The :class:`~slimkit.core.compressor.Compressor` this callback drives."""
-        return self.driver.compressor
-
-    @property
-    def model(self) -> nn.Module | None:
-        """The compressed model (the finalized one after ``finalize_on_fit_end``)."""
-        finalized = self.driver.finalized_model
-        return finalized if finalized is not None else self.compressor.model
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """The techniques' own trainable parameters: add them in ``configure_optimizers``."""
-        return self.driver.parameters()
-
-    def training_loss(
-        self, task_loss: torch.Tensor, outputs: Any = None, batch: Any = None
-    ) -> torch.Tensor:
-        """``task_loss_weight * task_loss + compressor.loss(outputs, batch)``: return it from
-        ``training_step`` (right after the student's forward on ``batch``)."""
-        return self.driver.training_loss(task_loss, outputs, batch)
-
+    # --- what the LightningModule calls (training_loss, parameters: see DriverAccess) ---------
     def scalars(self) -> dict[str, float]:
         """Every technique's current scalars, as logged (``{kind}/{tag}``)."""
         return self.driver.scalars()
