@@ -342,29 +342,8 @@ class StructuredPruning(Technique):
             self._path = greedy_path(curves, max_layer_sparsity=self.config.max_layer_sparsity)
         path, groups, start = self._path, trace.prunable, state.prefix
 
-        def removals_at(i: int) -> dict[str, int]:
-            sparsities = path_sparsities(path[: start + i])
-            return {
-                root: removal_count(
-                    g.plan.units,
-                    state.original.get(root, g.plan.units),
-                    sparsities.get(root, 0.0),
-                    self.config.round_to,
-                    heads=g.spec is not None,
-                )
-                for root, g in groups.items()
-            }
-
-        i = self._search(trace, state, value, metric, removals_at, len(path) - start + 1)
-        state.prefix = start + i
-        state.predicted_drop = path[state.prefix - 1].drop if state.prefix else 0.0
-        if value < self.schedule.final_value - 1e-12:  # iterative: stay on the greedy path
-            return removals_at(i)
-        # The path's last jump can overshoot the target by a lot (coarse grids, rounding to
-        # round_to): step groups back down the grid while the measured reduction still holds.
-        sparsities = path_sparsities(path[: state.prefix])
-
         def removals(chosen: dict[str, float]) -> dict[str, int]:
+            """Units each group loses at per-group sparsities ``chosen``."""
             return {
                 root: removal_count(
                     g.plan.units,
@@ -375,6 +354,18 @@ class StructuredPruning(Technique):
                 )
                 for root, g in groups.items()
             }
+
+        def removals_at(i: int) -> dict[str, int]:
+            return removals(path_sparsities(path[: start + i]))
+
+        i = self._search(trace, state, value, metric, removals_at, len(path) - start + 1)
+        state.prefix = start + i
+        state.predicted_drop = path[state.prefix - 1].drop if state.prefix else 0.0
+        if value < self.schedule.final_value - 1e-12:  # iterative: stay on the greedy path
+            return removals_at(i)
+        # The path's last jump can overshoot the target by a lot (coarse grids, rounding to
+        # round_to): step groups back down the grid while the measured reduction still holds.
+        sparsities = path_sparsities(path[: state.prefix])
 
         memo: dict[tuple, bool] = {}
 
