@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,19 +217,10 @@ def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     values = _constants(graph)
     nodes = list(graph.node)
-    readers: dict[str, list[int]] = {}
-    for index, node in enumerate(nodes):
-        for name in node.input:
-            readers.setdefault(name, []).append(index)
-    outputs = {out.name for out in graph.output}
     replaced: dict[int, onnx.NodeProto | None] = {}  # node index -> replacement (None: drop)
-    for index, dq in enumerate(nodes):
-        users = readers.get(dq.output[0], []) if dq.op_type == "DequantizeLinear" else []
-        if len(users) != 1 or nodes[users[0]].op_type != "Transpose":
-            continue
-        if dq.output[0] in outputs or not all(name in values for name in dq.input if name):
-            continue
-        transpose, codes = nodes[users[0]], values[dq.input[0]]
+    for index, user in _constant_dequantize_read_by(graph, nodes, values, "Transpose"):
+        dq, transpose = nodes[index], nodes[user]
+        codes = values[dq.input[0]]
         perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
         perm = list(range(codes.ndim))[::-1] if perm is None else perm
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
@@ -243,7 +235,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
             numpy_helper.from_array(np.ascontiguousarray(codes.transpose(perm)), stem)
         )
         replaced[index] = None
-        replaced[users[0]] = helper.make_node(
+        replaced[user] = helper.make_node(
             "DequantizeLinear",
             [stem, *dq.input[1:]],
             [transpose.output[0]],
@@ -271,20 +263,10 @@ def dequantize_after_gather(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     values = _constants(graph)
     nodes = list(graph.node)
-    readers: dict[str, list[int]] = {}
-    for index, node in enumerate(nodes):
-        for name in node.input:
-            readers.setdefault(name, []).append(index)
-    outputs = {out.name for out in graph.output}
     replaced: dict[int, list[onnx.NodeProto]] = {}  # node index -> its replacement nodes
-    for index, dq in enumerate(nodes):
-        users = readers.get(dq.output[0], []) if dq.op_type == "DequantizeLinear" else []
-        if len(users) != 1 or nodes[users[0]].op_type != "Gather":
-            continue
-        gather = nodes[users[0]]
-        if gather.input[0] != dq.output[0] or dq.output[0] in outputs:
-            continue
-        if not all(name in values for name in dq.input if name):
+    for index, user in _constant_dequantize_read_by(graph, nodes, values, "Gather"):
+        dq, gather = nodes[index], nodes[user]
+        if gather.input[0] != dq.output[0]:
             continue
         rank = values[dq.input[0]].ndim
         gather_axis = next((a.i for a in gather.attribute if a.name == "axis"), 0) % rank
@@ -296,7 +278,7 @@ def dequantize_after_gather(model: onnx.ModelProto) -> onnx.ModelProto:
             attrs["axis"] = axis if axis < gather_axis else axis - rank
         codes = f"{gather.output[0]}_quantized"
         replaced[index] = []
-        replaced[users[0]] = [
+        replaced[user] = [
             helper.make_node(
                 "Gather",
                 [dq.input[0], gather.input[1]],
@@ -319,6 +301,29 @@ def dequantize_after_gather(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(kept)
     _drop_unused_initializers(graph)
     return model
+
+
+def _constant_dequantize_read_by(
+    graph: onnx.GraphProto,
+    nodes: list[onnx.NodeProto],
+    values: dict[str, np.ndarray],
+    op_type: str,
+) -> Iterator[tuple[int, int]]:
+    """``(dq index, reader index)`` for each ``DequantizeLinear`` of initializers whose output is
+    not a graph output and is read by exactly one node, of type ``op_type``."""
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(index)
+    outputs = {out.name for out in graph.output}
+    for index, dq in enumerate(nodes):
+        if dq.op_type != "DequantizeLinear" or dq.output[0] in outputs:
+            continue
+        users = readers.get(dq.output[0], [])
+        if len(users) != 1 or nodes[users[0]].op_type != op_type:
+            continue
+        if all(name in values for name in dq.input if name):
+            yield index, users[0]
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
