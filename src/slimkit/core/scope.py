@@ -178,6 +178,12 @@ def _owns_matrix_parameter(module: nn.Module) -> bool:
     return any(p.dim() >= 2 for p in module.parameters(recurse=False))
 
 
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` of ``model`` by ``module``."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
 def module_type_name(module: nn.Module) -> str:
     """The user-facing class name (``Conv2d``, not ``ParametrizedConv2d``)."""
     cls = type(module)

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from slimkit.core.config import Config
-from slimkit.core.scope import Selection, closest_names
+from slimkit.core.scope import Selection, closest_names, set_submodule
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
 from slimkit.errors import ScopeError, StateError
 
@@ -112,9 +112,7 @@ def drop_layers_(model: nn.Module, layers: str, keep: tuple[int, ...] | list[int
     the number of layers it had. (The work of :class:`DropLayers`, without the life cycle.)"""
     keep = DropLayersConfig(layers=layers, keep=tuple(keep)).keep
     old = _module_list(model, layers, keep)
-    parent_name, _, attr = layers.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, nn.ModuleList([old[i] for i in keep]))
+    set_submodule(model, layers, nn.ModuleList([old[i] for i in keep]))
     for new, i in enumerate(keep):
         _renumber(old[i], i, new)
     _update_configs(model, layers, len(old), keep)

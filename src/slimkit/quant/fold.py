@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from slimkit.core.scope import set_submodule
 from slimkit.errors import UnsupportedModuleError
 
 __all__ = ["find_conv_bn_pairs", "fold_batchnorm", "fold_batchnorm_", "fold_bn_into_conv"]
@@ -116,11 +117,6 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         return _pairs_by_order(model)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
-
-
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with every conv -> BatchNorm pair folded.
 
@@ -152,5 +148,5 @@ def fold_batchnorm_(model: nn.Module) -> nn.Module:
         grad = conv.weight.requires_grad
         conv.weight = nn.Parameter(weight, requires_grad=grad)
         conv.bias = nn.Parameter(bias, requires_grad=grad)
-        _set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, nn.Identity())
     return model

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from slimkit.core.config import Config
-from slimkit.core.scope import Scope, Selection
+from slimkit.core.scope import Scope, Selection, set_submodule
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
 from slimkit.errors import CheckpointError, ConfigError, StateError
 from slimkit.io import atomic_path
@@ -203,18 +203,13 @@ def _is_linear(module: nn.Module) -> bool:
     return cls is nn.Linear
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def strip_weight_only(model: nn.Module) -> nn.Module:
     """Replace every :class:`WeightOnlyLinear` by a plain Linear (in place); return the model."""
     if isinstance(model, WeightOnlyLinear):
         return model.to_linear()
     names = [n for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)]
     for name in names:
-        _set_submodule(model, name, model.get_submodule(name).to_linear())
+        set_submodule(model, name, model.get_submodule(name).to_linear())
     return model
 
 
@@ -257,7 +252,7 @@ class WeightOnlyQuantization(Technique):
                 relative = float(error / torch.linalg.norm(weight).clamp_min(1e-30))
             shape = f"{layer.out_features}x{layer.in_features}"
             self._rows.append([name, shape, cfg.bits, cfg.group_size, round(relative, 6)])
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         self.selection = Selection(
             selected=[(n, model.get_submodule(n)) for n, _ in selection.selected],
             skipped=list(selection.skipped),
@@ -280,7 +275,7 @@ class WeightOnlyQuantization(Technique):
         for name, _ in selection.selected:
             module = model.get_submodule(name)
             if isinstance(module, WeightOnlyLinear):
-                _set_submodule(model, name, module.to_linear())
+                set_submodule(model, name, module.to_linear())
         return model
 
 
