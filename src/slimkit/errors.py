@@ -37,6 +37,12 @@ class StateError(SlimkitError, RuntimeError):
     """An operation was called out of order (e.g. export before calibration, step before apply)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for
+    one-line errors that wrap another library's exception."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -44,4 +50,5 @@ __all__ = [
     "SlimkitError",
     "StateError",
     "UnsupportedModuleError",
+    "first_line",
 ]

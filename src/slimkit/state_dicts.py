@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimkit.errors import CheckpointError
+from slimkit.errors import CheckpointError, first_line
 
 __all__ = ["load_into", "load_state_dict_file"]
 
@@ -29,8 +29,7 @@ def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> dict[str
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign files raise many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {what} {path}: {first}") from None
+        raise CheckpointError(f"cannot read {what} {path}: {first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{what} {path} does not hold a state_dict of tensors")
     return state

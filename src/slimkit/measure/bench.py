@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.table import Table
 
-from slimkit.errors import ConfigError
+from slimkit.errors import ConfigError, first_line
 from slimkit.measure.latency import LatencyResult, cpu_info, measure_ort_latency
 
 
@@ -77,6 +77,6 @@ def bench_onnx(
     except ConfigError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)[:200]
         raise ConfigError(f"cannot run {path} in ONNX Runtime: {first}") from None
     return BenchReport(str(path), path.stat().st_size, threads, results, cpu_info())

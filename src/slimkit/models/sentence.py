@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slimkit.errors import CheckpointError, ConfigError
+from slimkit.errors import CheckpointError, ConfigError, first_line
 from slimkit.models.transformer import random_bert
 
 __all__ = [
@@ -160,7 +160,7 @@ def load_minilm(
             str(path), local_files_only=True, attn_implementation=attn_implementation
         )
     except (OSError, ValueError) as exc:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        detail = first_line(exc)
         raise CheckpointError(f"{MINILM_PIP}: cannot load {path}: {detail}") from exc
     finally:
         if bars:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from slimkit.errors import ConfigError, StateError, UnsupportedModuleError
+from slimkit.errors import ConfigError, StateError, UnsupportedModuleError, first_line
 
 # --- pure score functions -------------------------------------------------------------------------
 
@@ -125,11 +125,6 @@ def channel_group(group: Any) -> ChannelGroup:
         members.append(GroupMember(name, target, role, tuple(idxs), tuple(roots)))
     root = graph._module2name.get(group[0].dep.target.module, "?")
     return ChannelGroup(root=root, channels=len(group[0].idxs), members=tuple(members))
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def torch_pruning() -> Any:
@@ -445,7 +440,6 @@ __all__ = [
     "channel_group",
     "dependency_graph",
     "filter_norms",
-    "first_line",
     "global_prune_counts",
     "heads_to_remove",
     "kept_count",

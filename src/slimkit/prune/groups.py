@@ -29,6 +29,7 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.scope import Scope
+from slimkit.errors import first_line
 from slimkit.measure.flops import count_macs, count_params
 from slimkit.prune.attention import ATTENTION_ADAPTERS, AttentionSpec
 from slimkit.prune.channel_importance import (
@@ -36,7 +37,6 @@ from slimkit.prune.channel_importance import (
     ChannelGroup,
     channel_group,
     dependency_graph,
-    first_line,
     heads_to_remove,
     kept_count,
     lowest,

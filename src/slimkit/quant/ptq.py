@@ -61,7 +61,7 @@ from slimkit.core.scope import (
 )
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
 from slimkit.distributed import all_reduce_, check_unsharded
-from slimkit.errors import ConfigError, ScopeError, StateError, UnsupportedModuleError
+from slimkit.errors import ConfigError, ScopeError, StateError, UnsupportedModuleError, first_line
 from slimkit.quant.fake import (
     ActivationQuantizer,
     activation_spec,
@@ -337,7 +337,7 @@ class StaticQuantization(Technique):
             except Exception as exc:
                 raise UnsupportedModuleError(
                     f"{self.kind}: {type(model).__name__} cannot be traced by torch.fx "
-                    f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}); "
+                    f"({first_line(exc)}); "
                     "static quantization needs the model's dataflow, or mode='hooks' to "
                     "quantize only the inputs of Conv/Linear layers"
                 ) from exc

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from slimkit.core.config import Config
 from slimkit.core.scope import Scope, Selection, set_submodule
 from slimkit.core.technique import Technique, TechniqueSummary, register_technique
-from slimkit.errors import CheckpointError, ConfigError, StateError
+from slimkit.errors import CheckpointError, ConfigError, StateError, first_line
 from slimkit.io import atomic_path
 from slimkit.quant import affine as A
 from slimkit.quant.affine import QuantSpec
@@ -320,7 +320,8 @@ def save_weight_only(model: nn.Module, path: PathLike) -> Path:
         with atomic_path(path) as tmp:
             safetensors.torch.save_file(tensors, str(tmp), metadata=header)
     except Exception as exc:
-        raise CheckpointError(f"could not write weight-only artifact {path}: {_line(exc)}") from exc
+        detail = first_line(exc)
+        raise CheckpointError(f"could not write weight-only artifact {path}: {detail}") from exc
     return Path(path)
 
 
@@ -339,7 +340,8 @@ def load_weight_only(model: nn.Module, path: PathLike) -> nn.Module:
             header = handle.metadata() or {}
             stored = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {_line(exc)}") from exc
+        detail = first_line(exc)
+        raise CheckpointError(f"{path} is not a readable safetensors file: {detail}") from exc
     record = _read_record(header, path)
     modules = dict(model.named_modules())
     state: dict[str, torch.Tensor] = {}
@@ -379,7 +381,7 @@ def _read_record(header: dict[str, str], path: PathLike) -> dict[str, Any]:
     try:
         record = json.loads(header[METADATA_KEY])
     except ValueError as exc:
-        raise CheckpointError(f"{path}: {METADATA_KEY!r} is not JSON: {_line(exc)}") from exc
+        raise CheckpointError(f"{path}: {METADATA_KEY!r} is not JSON: {first_line(exc)}") from exc
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{path}: metadata format is not {FORMAT!r}")
     if record.get("version") != VERSION:
@@ -404,7 +406,7 @@ def _decode(stored: dict[str, torch.Tensor], name: str, entry: Any, what: str) -
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype {entry['dtype']!r} is not a float dtype")
     except Exception as exc:
-        raise CheckpointError(f"{what}: bad metadata entry: {_line(exc)}") from exc
+        raise CheckpointError(f"{what}: bad metadata entry: {first_line(exc)}") from exc
     qshape = (out,) if group is None else (out, inp // group)
     codes = _unpack(stored.get(f"{name}.qweight"), (out, inp), spec, f"{what}: qweight")
     scale = stored.get(f"{name}.scale")
@@ -436,8 +438,3 @@ def _unpack(packed: torch.Tensor | None, shape: tuple, spec: QuantSpec, what: st
     if numel and (int(wide.min()) < spec.qmin or int(wide.max()) > spec.qmax):
         raise CheckpointError(f"{what} codes outside [{spec.qmin}, {spec.qmax}]")
     return codes
-
-
-def _line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from slimkit.errors import CheckpointError
+from slimkit.errors import CheckpointError, first_line
 from slimkit.io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["STATE_VERSION", "RunCheckpoints", "recipe_fingerprint"]
@@ -37,11 +37,6 @@ STATE_VERSION = 1
 
 def recipe_fingerprint(recipe_yaml: str) -> str:
     return hashlib.sha256(recipe_yaml.encode("utf-8")).hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class RunCheckpoints:
@@ -65,7 +60,7 @@ class RunCheckpoints:
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"cannot read {path}: {_first_line(exc)}") from None
+            raise CheckpointError(f"cannot read {path}: {first_line(exc)}") from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CheckpointError(f"{path} is not a version-{STATE_VERSION} slimkit run state")
         return state
@@ -81,7 +76,7 @@ class RunCheckpoints:
         try:
             state = load_file(str(weights))
         except Exception as exc:  # missing, truncated or foreign files raise many types
-            raise CheckpointError(f"cannot read checkpoint {weights}: {_first_line(exc)}") from None
+            raise CheckpointError(f"cannot read checkpoint {weights}: {first_line(exc)}") from None
         techniques = self._load_torch(self.folder / f"{name}.techniques.pt")
         if not isinstance(techniques, list):
             raise CheckpointError(f"{name}.techniques.pt does not hold a list of technique states")
@@ -113,7 +108,7 @@ class RunCheckpoints:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
 
 
 def _torch_bytes(obj: Any) -> bytes:
