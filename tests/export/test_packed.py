@@ -244,9 +244,15 @@ def test_metadata_record_describes_every_tensor(tmp_path):
     assert set(header) == {METADATA_KEY, USER_METADATA_KEY}
     assert json.loads(header[USER_METADATA_KEY]) == {"run": "r1", "k": "", "note": "café"}
     assert "café" in header[USER_METADATA_KEY]  # plain text, not escaped or compressed
-    assert (record["format"], record["version"], packed.VERSION) == ("slimkit-packed", 3, 3)
+    assert (record["format"], record["version"], packed.VERSION) == ("slimkit-packed", 4, 4)
     assert record["values_dtype"] == "float16"
-    assert set(record["blobs"]) == set(blobs) == {"bits", "values.float16", "raw.int64"}
+    assert (
+        set(record["blobs"]) == set(blobs) == {"bits", "values.float16", "raw.int64", "raw.float32"}
+    )
+    # BatchNorm's untouched weight (ones) and running stats (zeros, ones): one exact value each
+    bn = {k: v[0] for k, v in record["tensors"].items() if k.startswith("features.1.")}
+    assert bn["features.1.weight"] == bn["features.1.bias"] == "fill"  # untouched ones, zeros
+    assert bn["features.1.running_var"] == "dense" and bn["features.1.num_batches_tracked"] == "raw"
     assert all(blob.dim() == 1 for blob in blobs.values()) and blobs["bits"].dtype == torch.uint8
     assert list(record["tensors"]) == list(net.state_dict())
     encoding, shape, dtype, refs = record["tensors"]["head.0.weight"]
@@ -335,6 +341,9 @@ def test_decode_inverts_encode(x, values_dtype, encoding):
     chosen, parts = encode_tensor(x, values_dtype=values_dtype, encoding=encoding)
     assert chosen == (encoding or chosen)
     out = decode_tensor(chosen, parts, shape=tuple(x.shape), dtype=x.dtype)
+    if chosen == "fill":  # a constant tensor: its one value, exact, zeros as +0.0
+        assert_same_floats(out, zeros_to_positive(x))
+        return
     assert_same_floats(out, expected(x, values_dtype))
     if x.dtype == torch.float32 and values_dtype == "float32":  # bit-exact, NaN payloads too
         assert torch.equal(bits(out), bits(zeros_to_positive(x)))
@@ -438,9 +447,9 @@ def _set_entry(field, value):
 @pytest.mark.parametrize(
     ("edit_record", "edit_tensors", "message"),
     [
-        (lambda r: r.update(version=4), None, "format 'slimkit-packed' version 4 is not supported"),
-        (lambda r: r.update(version=3.0), None, "version 3.0 is not supported"),
-        (lambda r: r.update(format="other"), None, "format 'other' version 3 is not supported"),
+        (lambda r: r.update(version=5), None, "format 'slimkit-packed' version 5 is not supported"),
+        (lambda r: r.update(version=4.0), None, "version 4.0 is not supported"),
+        (lambda r: r.update(format="other"), None, "format 'other' version 4 is not supported"),
         (lambda r: r.pop("tensors"), None, "'blobs' list of distinct names and a 'tensors' object"),
         (
             lambda r: r["blobs"].append("bits"),
@@ -496,6 +505,21 @@ def _set_entry(field, value):
             lambda r: r.update(version=2) or r["blobs"].append("scales.float32"),
             lambda t: t.update({"scales.float32": torch.ones(1)}),
             "unknown blob name 'scales.float32'",
+        ),
+        (
+            lambda r: r.update(version=3),
+            None,
+            "'features.1.weight' has a bad metadata entry",  # version 3 had no fill encoding
+        ),
+        (
+            _ref("features.1.weight", 0, blob=lambda b, r: _blob(r, "bits")),
+            None,
+            "'features.1.weight': fill part is in blob 'bits', not raw.float32",
+        ),
+        (
+            _ref("features.1.weight", 0, length=2),
+            None,
+            "a fill part holds one value of 2+ elements, got 2 element(s) for shape (32,)",
         ),
         (
             lambda r: r["tensors"]["features.1.num_batches_tracked"][3].append([0, 0, 1]),
@@ -578,10 +602,10 @@ def test_version_1_files_are_rejected_as_unsupported(tmp_path):
         load_packed(path)
     assert str(info.value) == (
         f"{path}: format 'slimkit-packed' version 1 is not supported "
-        "(expected 'slimkit-packed' version 2 or 3)"
+        "(expected 'slimkit-packed' version 2 or 3 or 4)"
     )
 
-    record["version"] = 3  # a current record must be compressed, never plain JSON
+    record["version"] = 4  # a current record must be compressed, never plain JSON
     safetensors.torch.save_file({}, str(path), metadata={METADATA_KEY: json.dumps(record)})
     with pytest.raises(CheckpointError, match=r"record must be zlib-compressed base64$"):
         load_packed(path)
@@ -754,7 +778,8 @@ def test_int8_mixed_state_dict_round_trips_and_loads_into_the_model(tmp_path):
     _, record, blobs = read_packed(path)
 
     assert user == {"q": "int8"} and list(loaded) == list(state)
-    assert set(blobs) == {"bits", "values.int8", "scales.float32", "values.float16", "raw.int64"}
+    blob_names = {"bits", "values.int8", "scales.float32", "values.float16", "raw.int64"}
+    assert set(blobs) == blob_names | {"raw.float32"}  # raw.float32: BatchNorm's constant affine
     values = {info.name: info.values_dtype for info in report.tensors}
     assert values["features.0.weight"] == values["head.0.weight"] == "int8"  # conv, linear
     assert values["head.0.bias"] == values["features.1.running_var"] == "float16"
@@ -801,6 +826,9 @@ def int8_cases(draw) -> torch.Tensor:
 def test_int8_decode_is_within_half_a_step(x, encoding):
     chosen, parts = encode_tensor(x, values_dtype="int8", encoding=encoding)
     out = decode_tensor(chosen, parts, shape=tuple(x.shape), dtype=x.dtype)
+    if chosen == "fill":  # a constant tensor: its one value, exact, zeros as +0.0
+        assert_same_floats(out, zeros_to_positive(x))
+        return
     if x.dim() < 2 or not torch.isfinite(x).all():  # biases and norms, NaN/inf: float16 values
         assert "scales" not in parts
         assert_same_floats(out, expected(x, "float16"))
@@ -908,3 +936,83 @@ def test_corrupt_int8_files_name_the_problem(tmp_path, edit_record, edit_tensors
     with pytest.raises(CheckpointError) as info:
         load_packed(path)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.zeros(40, dtype=torch.int32),  # a symmetric quantizer's per-channel zero points
+        torch.ones(3, 5, dtype=torch.bool),
+        torch.full((7,), 0.125, dtype=torch.float32),
+        torch.tensor([[0.0, -0.0, 0.0]], dtype=torch.float64),  # zeros come back +0.0
+        torch.full((4,), math.nan, dtype=torch.float16),
+        torch.full((6,), 3, dtype=torch.uint8),
+    ],
+    ids=["int32-zeros", "bool", "float32", "negative-zero", "nan", "uint8"],
+)
+def test_constant_tensors_are_stored_as_one_exact_value(tensor):
+    encoding, parts = encode_tensor(tensor, values_dtype="int8")
+
+    assert encoding == "fill" and parts["fill"].numel() == 1
+    assert parts["fill"].dtype == tensor.dtype  # exact: never float16 or int8 codes
+    back = decode_tensor(encoding, parts, shape=tuple(tensor.shape), dtype=tensor.dtype)
+    assert back.shape == tensor.shape and back.dtype == tensor.dtype
+    if tensor.is_floating_point():
+        tensor = torch.where(tensor == 0, 0.0, tensor).to(tensor.dtype)  # the documented +0.0
+    assert torch.equal(back.view(torch.uint8), tensor.view(torch.uint8))  # bitwise, NaN too
+    assert back.is_contiguous()  # a real tensor, not an expanded view of the stored element
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.tensor([1, 1, 2], dtype=torch.int32),
+        torch.tensor([math.nan, 1.0]),
+        torch.zeros(1, dtype=torch.int32),  # one element: nothing to gain
+        torch.zeros(0),
+    ],
+)
+def test_tensors_that_vary_or_are_tiny_are_not_filled(tensor):
+    assert encode_tensor(tensor)[0] != "fill"
+    with pytest.raises(ConfigError, match="needs two or more bitwise-equal elements"):
+        encode_tensor(tensor, encoding="fill")
+
+
+def test_fill_shrinks_a_quantized_checkpoint_and_round_trips(tmp_path):
+    state = {
+        "w": torch.randn(32, 16),
+        "w_zero_point": torch.zeros(32, dtype=torch.int32),
+        "calibrated": torch.ones((), dtype=torch.bool),
+        "flags": torch.ones(32, dtype=torch.bool),
+    }
+    report = save_packed(state, tmp_path / "q.safetensors", values_dtype="int8")
+    loaded, _ = load_packed(tmp_path / "q.safetensors")
+
+    assert report.encodings == {
+        "w": "dense",
+        "w_zero_point": "fill",
+        "calibrated": "raw",
+        "flags": "fill",
+    }
+    sizes = {info.name: info.stored_bytes for info in report.tensors}
+    assert sizes["w_zero_point"] == 4 and sizes["flags"] == 1
+    for name in ("w_zero_point", "calibrated", "flags"):
+        assert torch.equal(loaded[name], state[name]) and loaded[name].dtype == state[name].dtype
+    fill = {info.name: info for info in report.tensors}["w_zero_point"]
+    assert fill.nonzero is None and fill.values_dtype is None
+
+
+def test_version_3_files_without_fill_still_load(tmp_path):
+    path = tmp_path / "v3.safetensors"
+    net = pruned_net()
+    with torch.no_grad():
+        net.features[1].weight.uniform_(0.5, 1.5)  # no constant tensor left: a file v3 can hold
+        net.features[1].bias.normal_()
+    save_packed(net, path, values_dtype="int8")
+    _, record, _ = read_packed(path)
+    assert "fill" not in {entry[0] for entry in record["tensors"].values()}
+    _rewrite(path, lambda r: r.update(version=3))
+
+    loaded, _ = load_packed(path)
+    assert read_packed(path)[1]["version"] == 3
+    assert set(loaded) == set(net.state_dict())

@@ -22,7 +22,10 @@ they stay exactly zero; weights already on such a grid (slimkit's per-channel sy
 PTQ/QAT) come back exact up to float rounding. Tensors with fewer dims (biases, norms), and
 tensors holding NaN or inf, keep float16 values as under ``values_dtype="float16"``.
 
-File layout (version 3). The parts of all tensors are concatenated, in state_dict order, into a
+A tensor of two or more elements that are all bitwise equal (per-channel zero points, flags,
+constant buffers) is stored as ``fill``: its one value, exactly, in its own dtype (version 4).
+
+File layout (version 4). The parts of all tensors are concatenated, in state_dict order, into a
 few 1-D safetensors entries ("blobs") keyed by role and dtype, so the safetensors header stays a
 small constant however many tensors there are:
 
@@ -30,13 +33,14 @@ small constant however many tensors there are:
 - ``values.<dtype>`` (e.g. ``values.float16``, ``values.int8``): every ``values`` and
   (flattened) ``dense`` part stored in that dtype;
 - ``scales.float32``: every ``scales`` part;
-- ``raw.<dtype>`` (e.g. ``raw.int64``): every (flattened) ``raw`` part of that dtype.
+- ``raw.<dtype>`` (e.g. ``raw.int64``): every (flattened) ``raw`` part, and every ``fill``
+  part (one element), of that dtype.
 
 The safetensors ``__metadata__`` holds two string values:
 
 - ``slimkit.packed``: the record, compact JSON, zlib-compressed, base64-encoded::
 
-    {"format": "slimkit-packed", "version": 3, "values_dtype": "int8",
+    {"format": "slimkit-packed", "version": 4, "values_dtype": "int8",
      "blobs": ["bits", "values.int8", "scales.float32", ...],
      "tensors": {name: [encoding, shape, dtype, [[blob, offset, length], ...]], ...}}
 
@@ -46,7 +50,7 @@ The safetensors ``__metadata__`` holds two string values:
 - ``slimkit.user_metadata``: the user's metadata as plain JSON (an object of strings).
 
 Version 2 files (written before int8 values existed) have the same layout without int8 values,
-``scales.float32`` or ``scales`` parts; they still load.
+``scales.float32`` or ``scales`` parts, and version 3 files without ``fill``; both still load.
 """
 
 from __future__ import annotations
@@ -72,19 +76,20 @@ from slimkit.io import atomic_path
 from slimkit.measure.size import dense_checkpoint_bytes, file_size
 
 FORMAT = "slimkit-packed"
-VERSION = 3
-READABLE_VERSIONS = (2, 3)
+VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 METADATA_KEY = "slimkit.packed"
 USER_METADATA_KEY = "slimkit.user_metadata"
 PathLike = str | os.PathLike[str]
 ValuesDtype = Literal["float32", "float16", "int8"]
-Encoding = Literal["dense", "bitmask", "index", "raw"]
+Encoding = Literal["dense", "bitmask", "index", "raw", "fill"]
 
 _PARTS: dict[str, tuple[str, ...]] = {
     "dense": ("dense",),
     "bitmask": ("mask", "values"),
     "index": ("index", "values"),
     "raw": ("raw",),
+    "fill": ("fill",),
 }
 _PACKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
@@ -112,6 +117,23 @@ def decode_gaps(codes: np.ndarray) -> np.ndarray:
     return np.cumsum(codes, dtype=np.int64)[ends] + np.arange(ends.size, dtype=np.int64)
 
 
+def is_constant(x: torch.Tensor) -> bool:
+    """True if ``x`` has two or more elements and all are bitwise equal, after floating zeros are
+    made ``+0.0`` as every encoding stores them (NaNs must share one payload)."""
+    if x.numel() < 2:
+        return False
+    flat = _positive_zeros(x.detach().reshape(-1))
+    if flat.dtype in (torch.bool, torch.uint8, torch.int8):
+        raw = flat.view(torch.uint8)
+    else:
+        raw = flat.contiguous().view(torch.uint8).reshape(flat.numel(), flat.element_size())
+    return bool((raw == raw[:1]).all())
+
+
+def _positive_zeros(x: torch.Tensor) -> torch.Tensor:
+    return x.masked_fill(x == 0, 0) if x.is_floating_point() else x
+
+
 def encode_tensor(
     x: torch.Tensor, *, values_dtype: ValuesDtype = "float16", encoding: Encoding | None = None
 ) -> tuple[str, dict[str, torch.Tensor]]:
@@ -121,7 +143,12 @@ def encode_tensor(
     """
     x = x.detach().cpu()
     allowed = ("dense", "bitmask", "index") if x.dtype in _PACKABLE else ("raw",)
+    if encoding == "fill" or (encoding is None and is_constant(x)):
+        if not is_constant(x):
+            raise ConfigError("encoding 'fill' needs two or more bitwise-equal elements")
+        return "fill", {"fill": _positive_zeros(x.reshape(-1)[:1]).clone()}
     if encoding is not None and encoding not in allowed:
+        allowed += ("fill",) if is_constant(x) else ()
         raise ConfigError(f"encoding for a {x.dtype} tensor must be in {allowed}, got {encoding!r}")
     if allowed == ("raw",):
         return "raw", {"raw": x.clone(memory_format=torch.contiguous_format)}
@@ -159,6 +186,14 @@ def decode_tensor(
 ) -> torch.Tensor:
     """Rebuild the dense tensor from :func:`encode_tensor` output; raise CheckpointError if bad."""
     shape, numel = tuple(shape), math.prod(shape)
+    if encoding == "fill":
+        value = parts["fill"]
+        if value.numel() != 1 or numel < 2:
+            found = f"{value.numel()} element(s) for shape {shape}"
+            raise CheckpointError(
+                f"{name}: a fill part holds one value of 2+ elements, got {found}"
+            )
+        return value.reshape(()).to(dtype).expand(shape).clone()
     scales = _scales(encoding, parts, shape, name)
     row = numel // shape[0] if scales is not None and shape[0] else 0  # elements per row
     if encoding in ("dense", "raw"):
@@ -352,9 +387,10 @@ def save_packed(
             lengths[blob] += part.numel()
         dtype = _dtype_name(tensor.dtype)
         entries[name] = [encoding, list(tensor.shape), dtype, refs]
-        nonzero = int(torch.count_nonzero(tensor)) if encoding != "raw" else None
+        nonzero = int(torch.count_nonzero(tensor)) if encoding not in ("raw", "fill") else None
         size = _cost(parts)
-        stored_as = None if encoding == "raw" else _dtype_name(parts[_PARTS[encoding][-1]].dtype)
+        exact = encoding in ("raw", "fill")
+        stored_as = None if exact else _dtype_name(parts[_PARTS[encoding][-1]].dtype)
         info = (name, encoding, tuple(tensor.shape), dtype, nonzero, size, stored_as)
         infos.append(PackedTensorInfo(*info))
     blobs = {blob: torch.cat(parts) for blob, parts in chunks.items()}
@@ -443,7 +479,7 @@ def _part_names(encoding: str, scaled: bool) -> tuple[str, ...]:
 def _blob_name(suffix: str, dtype: torch.dtype) -> str:
     if suffix in ("mask", "index"):
         return "bits"
-    role = suffix if suffix in ("raw", "scales") else "values"
+    role = "raw" if suffix == "fill" else suffix if suffix in ("raw", "scales") else "values"
     return f"{role}.{_dtype_name(dtype)}"
 
 
@@ -554,9 +590,10 @@ def _parse_entry(
     encoding, shape, dtype_name, refs = entry if ok else (None, None, None, None)
     dtype = _torch_dtype(dtype_name)
     ok = ok and encoding in _PARTS and dtype is not None
-    ok = ok and (encoding == "raw" or dtype in _PACKABLE)
+    ok = ok and (encoding != "fill" or version >= 4)  # fill came with version 4
+    ok = ok and (encoding in ("raw", "fill") or dtype in _PACKABLE)
     ok = ok and isinstance(shape, list) and all(map(count, shape))
-    extra = (0, 1) if version >= 3 and encoding != "raw" else (0,)  # 1: a scales part
+    extra = (0, 1) if version >= 3 and encoding not in ("raw", "fill") else (0,)  # 1: scales
     ok = ok and isinstance(refs, list) and len(refs) - len(_PARTS[encoding]) in extra
     ok = ok and all(
         isinstance(ref, list) and len(ref) == 3 and all(map(count, ref)) and ref[0] < blob_count
@@ -580,7 +617,7 @@ def _part(
     _, offset, length = ref
     if suffix in ("dense", "values"):
         wanted, ok = "a values.<dtype> blob", blob.startswith("values.")
-    else:  # bits, scales.float32, or raw.<the tensor's dtype>
+    else:  # bits, scales.float32, or raw.<the tensor's dtype> (raw and fill parts)
         wanted = _blob_name(suffix, torch.float32 if suffix == "scales" else dtype)
         ok = blob == wanted
     if not ok:
