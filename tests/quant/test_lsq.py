@@ -186,3 +186,186 @@ def test_learning_the_scale_reduces_quantization_error(bits: int) -> None:
         optimizer.step()
     print(f"{bits}-bit MSE: min/max scale {initial:.5f} -> learned {mse():.5f}")
     assert mse() < 0.8 * initial
+
+
+class _WrittenOut(torch.autograd.Function):
+    """The module docstring's LSQ/LSQ+ formulas written out term by term (the implementation
+    before the fused, fewer-pass one), to check that one against."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, g, axis):
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        s = lsq._view(scale, x, axis).to(dtype)
+        z = torch.round(lsq._view(zero_point, x, axis).to(dtype))
+        ratio = x.to(dtype) / s
+        rounded = torch.round(ratio)
+        ctx.save_for_backward(ratio, rounded, s, z, scale, zero_point)
+        ctx.qparams = (qmin, qmax, g, axis)
+        return (((rounded + z).clamp(qmin, qmax) - z) * s).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ratio, rounded, s, z, scale, zero_point = ctx.saved_tensors
+        qmin, qmax, g, axis = ctx.qparams
+        v = ratio + z
+        below, above = v < qmin, v > qmax
+        inside = ~(below | above)
+        grad = grad_out.to(ratio.dtype)
+        local_s = torch.where(inside, rounded - ratio, torch.where(below, qmin - z, qmax - z))
+        local_z = torch.where(inside, torch.zeros_like(v), -s.expand_as(v))
+        return (
+            (grad * inside).to(grad_out.dtype),
+            lsq._reduce(grad * local_s * g, scale.shape, axis).to(scale.dtype),
+            lsq._reduce(grad * local_z * g, zero_point.shape, axis).to(zero_point.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _with_edges(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis) -> torch.Tensor:
+    """``x`` with some values put exactly on grid points, half steps and the clipping edges."""
+    s = lsq._view(scale.detach(), x, axis)
+    grid = torch.randint(qmin - 2, qmax + 3, x.shape).to(x.dtype)
+    half = torch.rand(x.shape) < 0.5
+    edges = (grid + torch.where(half, 0.5, 0.0).to(x.dtype)) * s
+    pick = torch.rand(x.shape) < 0.2
+    return torch.where(pick, edges.to(x.dtype), x)
+
+
+CASES = [
+    # shape, axis, qmin, qmax, zero point, learn zero point, dtype, layout
+    ((16, 8, 5, 5), None, 0, 255, 0.0, False, torch.float32, "contiguous"),
+    ((16, 8, 5, 5), None, 0, 255, 37.0, True, torch.float32, "contiguous"),
+    ((16, 8, 5, 5), None, 0, 15, 3.4, True, torch.float32, "channels_last"),
+    ((12, 8, 3, 3), 0, -127, 127, 0.0, False, torch.float32, "contiguous"),
+    ((12, 8, 3, 3), 0, -7, 7, 0.0, False, torch.float32, "channels_last"),
+    ((12, 8), 1, -8, 7, 2.0, True, torch.float32, "contiguous"),
+    ((9, 12), 0, -8, 7, 1.0, True, torch.float32, "transposed"),
+    ((10, 6), 0, -4, 3, 1.0, True, torch.float64, "contiguous"),
+    ((10, 6), None, 0, 255, 5.0, True, torch.bfloat16, "contiguous"),
+    ((10, 6), 0, -127, 127, 0.0, False, torch.float16, "contiguous"),
+]
+
+
+def _case(shape, axis, zero, learn_zp, dtype, layout, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64) * 3
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = x.t().contiguous().t()
+    channels = 1 if axis is None else shape[axis]
+    qshape = () if axis is None else (channels,)
+    scale = torch.rand(qshape) * 0.05 + 0.01
+    zero_point = torch.full(qshape, zero) + (torch.rand(qshape) - 0.5 if zero % 1 else 0.0)
+    return x.to(dtype), scale, zero_point.requires_grad_(learn_zp)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "qmin", "qmax", "zero", "learn_zp", "dtype", "layout"), CASES
+)
+def test_fewer_pass_function_matches_the_written_out_formulas(
+    shape, axis, qmin, qmax, zero, learn_zp, dtype, layout
+) -> None:
+    x, scale, zero_point = _case(shape, axis, zero, learn_zp, dtype, layout, seed=len(shape))
+    x = _with_edges(x, scale, qmin, qmax, axis).requires_grad_()
+    scale.requires_grad_()
+    g = lsq_grad_scale(x.numel() // max(1, scale.numel()), qmax)
+    upstream = torch.randn(shape, dtype=torch.float64).to(dtype)
+    inputs = (x, scale, zero_point) if learn_zp else (x, scale)
+
+    ours = lsq_fake_quantize(x, scale, zero_point, qmin, qmax, g, axis)
+    got = torch.autograd.grad((ours * upstream).sum(), inputs)
+    ref = _WrittenOut.apply(x, scale, zero_point, qmin, qmax, g, axis)
+    want = torch.autograd.grad((ref * upstream).sum(), inputs)
+
+    assert ours.dtype == dtype and torch.equal(ours, ref)  # bit for bit
+    assert torch.equal(got[0], want[0])  # the straight-through mask, bit for bit
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    for ours_q, ref_q in zip(got[1:], want[1:], strict=True):  # sums in another order
+        assert ours_q.shape == ref_q.shape and ours_q.dtype == ref_q.dtype
+        assert torch.allclose(ours_q, ref_q, rtol=tolerance, atol=tolerance * ref_q.abs().max())
+
+
+def test_gradients_only_for_the_inputs_that_need_them() -> None:
+    x, scale, zero_point = _case((6, 5), 0, 1.0, False, torch.float32, "contiguous", 3)
+    scale.requires_grad_()
+    ref_scale = scale.detach().clone().requires_grad_()
+    lsq_fake_quantize(x, scale, zero_point, -8, 7, 0.3, 0).sum().backward()
+    _WrittenOut.apply(x, ref_scale, zero_point, -8, 7, 0.3, 0).sum().backward()
+    assert x.grad is None and zero_point.grad is None
+    assert torch.allclose(scale.grad, ref_scale.grad, rtol=1e-5, atol=1e-6)
+    # only x: the straight-through estimator, no scale gradient is formed
+    x.requires_grad_()
+    out = lsq_fake_quantize(x, scale.detach(), zero_point, -8, 7, 0.3, 0)
+    (grad_x,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(
+        grad_x,
+        torch.autograd.grad(
+            _WrittenOut.apply(x, scale.detach(), zero_point, -8, 7, 0.3, 0).sum(), x
+        )[0],
+    )
+
+
+def test_no_grad_forward_is_the_same_values() -> None:
+    x, scale, zero_point = _case((8, 4, 3, 3), 0, 0.0, False, torch.float32, "contiguous", 5)
+    x.requires_grad_()
+    with_grad = lsq_fake_quantize(x, scale, zero_point, -127, 127, 0.1, 0)
+    with torch.no_grad():
+        without = lsq_fake_quantize(x, scale, zero_point, -127, 127, 0.1, 0)
+    assert with_grad.requires_grad and not without.requires_grad
+    assert torch.equal(with_grad, without)
+
+
+def test_initialized_flag_follows_the_buffer() -> None:
+    """The cached flag (no device read per forward) sees every way the buffer can change."""
+    x = torch.linspace(-1, 4, 50)
+    trained = LSQQuantizer(activation_spec(8))
+    trained(x)  # the first forward initializes it
+    assert trained.is_initialized() and bool(trained.initialized)
+    with torch.no_grad():
+        trained.scale.fill_(0.123)
+
+    fresh = LSQQuantizer(activation_spec(8))
+    assert not fresh.is_initialized()  # cached as False
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.is_initialized()
+    fresh(x)  # no re-initialization: the loaded scale stays
+    assert float(fresh.scale.detach()) == pytest.approx(0.123)
+
+    fresh.load_state_dict(LSQQuantizer(activation_spec(8)).state_dict())  # an uninitialized state
+    assert not fresh.is_initialized()
+    fresh(x)
+    assert fresh.is_initialized() and float(fresh.scale.detach()) != pytest.approx(0.123)
+
+    fresh.initialized.fill_(False)
+    assert not fresh.is_initialized()
+    fresh.initialized = torch.tensor(True)  # a new buffer tensor
+    assert fresh.is_initialized()
+
+
+def test_initialized_flag_survives_copies() -> None:
+    import copy
+    import io
+
+    quantizer = LSQQuantizer(activation_spec(8))
+    assert not quantizer.is_initialized()  # cache the uninitialized state, then initialize
+    quantizer.init_lsq(torch.rand(20))
+    for clone in (
+        copy.deepcopy(quantizer),
+        torch.load(io.BytesIO(_saved(quantizer)), weights_only=False),
+    ):
+        assert clone.is_initialized() and bool(clone.initialized)
+        scale = float(clone.scale.detach())
+        clone(torch.rand(20) * 100)  # would re-initialize if the flag were wrong
+        assert float(clone.scale.detach()) == scale
+
+
+def _saved(module: torch.nn.Module) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()

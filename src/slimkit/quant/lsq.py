@@ -61,44 +61,107 @@ def _view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def _reduce(grad: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Sum an elementwise gradient down to the shape of its qparam."""
+def _reduce(grad: torch.Tensor, shape: torch.Size, axis: int | None) -> torch.Tensor:
+    """Sum an elementwise gradient down to the ``shape`` of its qparam."""
     if axis is None:
-        return grad.sum().reshape(like.shape)
+        return grad.sum().reshape(shape)
     dims = [d for d in range(grad.dim()) if d != axis]
-    return grad.sum(dim=dims).reshape(like.shape)
+    return grad.sum(dim=dims).reshape(shape)
+
+
+def _reduce_product(
+    grad: torch.Tensor, local: torch.Tensor, shape: torch.Size, axis: int | None
+) -> torch.Tensor:
+    """``_reduce(grad * local, shape, axis)``, as a dot product where the layout allows."""
+    if grad.is_contiguous() and local.is_contiguous():
+        if axis is None:
+            return torch.dot(grad.reshape(-1), local.reshape(-1)).reshape(shape)
+        if axis == 0 and grad.dim() > 1:
+            rows = grad.shape[0]
+            product = torch.linalg.vecdot(grad.reshape(rows, -1), local.reshape(rows, -1))
+            return product.reshape(shape)
+    return _reduce(grad * local, shape, axis)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when ``t`` already has ``dtype`` (per-call overhead)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _qparams(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale`` and the rounded ``zero_point`` shaped to broadcast against ``x``, in the
+    compute dtype: float64 for float64 inputs, float32 otherwise."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = _cast(_view(scale, x, axis), dtype)
+    return s, torch.round(_cast(_view(zero_point, x, axis), dtype))
+
+
+def _quantize(
+    x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x / s, q, q * s)`` with ``q = clamp(round(x / s) + z, qmin, qmax) - z`` (``z`` is
+    rounded already), in ``s``'s dtype."""
+    ratio = _cast(x, s.dtype) / s
+    q = torch.round(ratio).add_(z).clamp_(qmin, qmax).sub_(z)
+    return ratio, q, q * s
 
 
 class _LSQFunction(torch.autograd.Function):
+    """The module docstring's LSQ/LSQ+ forward and backward, in few passes over ``x``.
+
+    Every elementwise op writes a float tensor in place where it can (on CPU, ops that write
+    bool tensors, ``where`` and a clamp with tensor bounds are several times slower than plain
+    arithmetic); the clipping mask and the local scale gradient are computed once, in the
+    forward, and only for the inputs that need a gradient; the qparam gradients are dot
+    products. The forward and the elementwise gradients are the same values bit for bit as the
+    formulas written out (``where(inside, round(x/s) - x/s, where(below, qmin - z, qmax - z))``
+    ...); only the sums run in another order, with ``g`` applied after them (float rounding),
+    and a NaN input counts as clipped (no gradient) instead of inside.
+    """
+
     @staticmethod
     def forward(ctx: Any, x, scale, zero_point, qmin, qmax, grad_scale, axis):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        s = _view(scale, x, axis).to(dtype)
-        z = torch.round(_view(zero_point, x, axis).to(dtype))
-        ratio = x.to(dtype) / s
-        rounded = torch.round(ratio)
-        out = ((rounded + z).clamp(qmin, qmax) - z) * s
-        ctx.save_for_backward(ratio, rounded, s, z, scale, zero_point)
-        ctx.qparams = (qmin, qmax, grad_scale, axis)
-        return out.to(x.dtype)
+        s, z = _qparams(x, scale, zero_point, axis)
+        ratio, q, out = _quantize(x, s, z, qmin, qmax)
+        needs_x, needs_s, needs_z = ctx.needs_input_grad[:3]
+        inside = local = None
+        if needs_x or needs_s or needs_z:
+            v = ratio + z  # 1.0 where qmin <= v <= qmax, else 0.0
+            inside = torch.ge(v, qmin, out=torch.empty_like(v)).mul_(v.le_(qmax))
+            del v
+        if needs_s:
+            # round(x/s) - x/s inside, qmin - z below, qmax - z above; q is round(x/s) inside
+            # and qmin - z / qmax - z outside, so this is q - inside * x/s (in place, exact)
+            local = q.sub_(ratio.mul_(inside))
+        ctx.save_for_backward(inside, local, s if needs_z else None)
+        ctx.qparams = (
+            grad_scale,
+            axis,
+            scale.shape,
+            scale.dtype,
+            zero_point.shape,
+            zero_point.dtype,
+        )
+        return _cast(out, x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        ratio, rounded, s, z, scale, zero_point = ctx.saved_tensors
-        qmin, qmax, g, axis = ctx.qparams
-        v = ratio + z
-        below, above = v < qmin, v > qmax
-        inside = ~(below | above)
-        grad = grad_out.to(ratio.dtype)
+        inside, local, s = ctx.saved_tensors
+        g, axis, scale_shape, scale_dtype, zp_shape, zp_dtype = ctx.qparams
         grad_x = grad_s = grad_z = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad * inside).to(grad_out.dtype)
-        if ctx.needs_input_grad[1]:
-            local = torch.where(inside, rounded - ratio, torch.where(below, qmin - z, qmax - z))
-            grad_s = _reduce(grad * local * g, scale, axis).to(scale.dtype)
-        if ctx.needs_input_grad[2]:
-            local = torch.where(inside, torch.zeros_like(v), -s.expand_as(v))
-            grad_z = _reduce(grad * local * g, zero_point, axis).to(zero_point.dtype)
+        needs_x, needs_s, needs_z = ctx.needs_input_grad[:3]
+        if inside is not None:
+            grad = _cast(grad_out, inside.dtype)
+            passed = grad * inside if needs_x or needs_z else None
+            if needs_x:
+                grad_x = _cast(passed, grad_out.dtype)
+            if needs_s:
+                grad_s = _cast(_reduce_product(grad, local, scale_shape, axis) * g, scale_dtype)
+            if needs_z:
+                clipped = _reduce(grad - passed, zp_shape, axis)  # the grad where clipped
+                grad_z = _cast(clipped * -s.reshape(zp_shape) * g, zp_dtype)
         return grad_x, grad_s, grad_z, None, None, None, None
 
 
@@ -124,6 +187,11 @@ def lsq_fake_quantize(
             raise ConfigError(f"axis {axis} is out of range for a tensor with {x.dim()} dims")
         axis %= x.dim()
     zero_point = torch.as_tensor(zero_point, dtype=scale.dtype, device=scale.device)
+    if not torch.is_grad_enabled() or not (
+        x.requires_grad or scale.requires_grad or zero_point.requires_grad
+    ):
+        s, z = _qparams(x, scale, zero_point, axis)
+        return _cast(_quantize(x, s, z, qmin, qmax)[2], x.dtype)
     return _LSQFunction.apply(x, scale, zero_point, qmin, qmax, float(grad_scale), axis)
 
 
@@ -172,6 +240,7 @@ class LSQQuantizer(nn.Module):
         else:
             self.register_buffer("zero_point", zero)
         self.register_buffer("initialized", torch.tensor(False))
+        self._initialized_cache: tuple[torch.Tensor, int, bool] | None = None
         self.enabled = True
 
     def _symmetric_zero_point(self) -> int:
@@ -221,10 +290,35 @@ class LSQQuantizer(nn.Module):
         per_scale = x.numel() // max(1, self.scale.numel())
         return lsq_grad_scale(max(1, per_scale), max(1, self.spec.qmax))
 
+    def is_initialized(self) -> bool:
+        """``bool(self.initialized)``, read from the buffer only when it changed.
+
+        The value is cached with the buffer's identity and version counter, so loading a state
+        dict, ``fill_``/``copy_`` or replacing the buffer are all seen, while an unchanged flag
+        costs no device read (no host sync on accelerators) per forward.
+        """
+        flag = self.initialized
+        try:
+            version = flag._version
+        except RuntimeError:  # an inference tensor has no version counter
+            return bool(flag)
+        cached = self.__dict__.get("_initialized_cache")
+        if cached is not None and cached[0] is flag and cached[1] == version:
+            return cached[2]
+        value = bool(flag)
+        self._initialized_cache = (flag, version, value)
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy's buffer starts a new version counter: never let it inherit the cache
+        state = self.__dict__.copy()
+        state["_initialized_cache"] = None
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self.init_lsq(x)
         scale = self.scale.abs().clamp_min(_EPS)
         return lsq_fake_quantize(

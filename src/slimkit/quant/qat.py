@@ -104,7 +104,7 @@ def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]
     quantizer = input_quantizer_of(module)
     if quantizer is None or not args:
         return None
-    if quantizer.enabled and not bool(quantizer.initialized) and is_distributed():
+    if quantizer.enabled and not quantizer.is_initialized() and is_distributed():
         _init_lsq_everywhere(quantizer, args[0])  # LSQ's first-batch init over every rank's batch
     return (quantizer(args[0]), *args[1:])
 
