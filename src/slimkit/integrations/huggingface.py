@@ -30,7 +30,8 @@ StateError naming them otherwise.
 Hooks: ``on_train_begin`` runs ``before_training`` on ``calibration_batches`` (fresh runs only)
 or, when the Trainer resumes at step N, loads the compressor state saved in
 ``output_dir/checkpoint-N`` (``on_save`` writes ``slimkit_compressor.pt`` into every checkpoint
-folder; for a checkpoint elsewhere call ``callback.load(folder)`` before ``train``);
+folder, on rank 0 only under DDP; for a checkpoint elsewhere call ``callback.load(folder)``
+before ``train``);
 ``on_optimizer_step`` (after ``optimizer.step()``, before ``zero_grad``, once per update under
 gradient accumulation) calls ``compressor.step()``. A step that replaced parameters (gradual
 structured pruning) raises a StateError: use a one-shot schedule, which prunes in ``apply``.

@@ -51,10 +51,17 @@ Losses: Lightning only sees the loss ``training_step`` returns, so a technique t
 (``task_loss_weight * task_loss + compressor.loss(outputs, batch)``); reach the callback through
 a reference you keep or ``CompressionCallback.of(self.trainer)``.
 
-DDP: use Lightning's own strategy (``pl.Trainer(strategy="ddp", devices=N)``). Every rank applies
-the same techniques to its replica; the techniques keep their decisions identical across ranks
-(magnitude masks are broadcast from rank 0, EMA/Taylor importances and QAT range statistics are
-averaged) through :mod:`slimkit.distributed`, which uses the process group the strategy created.
+DDP: use Lightning's own strategy (``pl.Trainer(strategy="ddp", devices=N)``; on CPU it uses
+gloo), started by ``torchrun --standalone --nproc_per_node N script.py`` (Lightning detects the
+torchelastic environment) or by Lightning itself. The strategy creates the process group before
+``setup`` and wraps the module in ``DistributedDataParallel`` after it, so the callback applies the
+techniques to the plain module on every rank, and DDP then keeps weights, masks and LSQ scales in
+sync. The techniques keep their own decisions identical across ranks (magnitude masks are
+broadcast from rank 0, EMA/Taylor importances and QAT range statistics are averaged) through
+:mod:`slimkit.distributed`, which uses the process group the strategy created; every rank calls
+``compressor.step()`` at the same optimizer steps. The callback writes no files itself (its state
+travels in Lightning's checkpoints, which rank 0 writes). ``examples/lightning_example.py`` runs
+this way; ``tests/integrations/test_ddp_integrations.py`` checks that the ranks end bit-identical.
 
 ``SlimkitCallback`` is the former name of ``CompressionCallback`` and stays an alias (the
 checkpoint key is still ``SlimkitCallback{...}``, so older checkpoints resume).

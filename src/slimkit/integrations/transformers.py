@@ -21,12 +21,16 @@ parameters to the optimizer and their scalars to the logs. The details are in
 :mod:`slimkit.integrations.huggingface`, where these are defined (``SlimkitTrainerCallback`` and
 ``SlimkitTrainer``, the former names, keep working).
 
-DDP: launch the script with ``torchrun --nproc_per_node N``; the Trainer (through
-``accelerate``) wraps the model in DDP and every rank applies the same techniques to its replica.
-The techniques keep their decisions identical across ranks (magnitude masks broadcast from rank
-0, EMA/Taylor importances and QAT range statistics averaged) through
-:mod:`slimkit.distributed`, which uses the process group the Trainer created; only rank 0 writes
-the compressor state into checkpoints.
+DDP: launch the script with ``torchrun --standalone --nproc_per_node N script.py`` (on CPU give
+``TrainingArguments(use_cpu=True, ddp_backend="gloo")``). ``TrainingArguments`` joins the process
+group torchrun describes; the callback applies the techniques to the plain model at the end of
+``Trainer.__init__`` (every rank, its replica), and ``train()`` wraps the compressed model in
+``DistributedDataParallel`` (through ``accelerate``). The techniques keep their decisions
+identical across ranks (magnitude masks broadcast from rank 0, EMA/Taylor importances and QAT
+range statistics averaged) through :mod:`slimkit.distributed`, which uses the process group the
+Trainer created; only rank 0 writes the compressor state into checkpoints (the other ranks read
+it from the shared ``output_dir`` when resuming). ``examples/hf_trainer_example.py`` runs this
+way; ``tests/integrations/test_ddp_integrations.py`` checks that the ranks end bit-identical.
 
 Needs ``transformers`` and ``accelerate`` (a one-line :class:`~slimkit.errors.ConfigError` names
 what is missing).
