@@ -203,6 +203,7 @@ class MagnitudePruning(Technique):
         selection = self._require_applied()
         return [(n, m, weight_mask_of(m)) for n, m in selection.selected]
 
+    @torch.no_grad()  # statistics only: no graph through the weight's parametrizations
     def _update_statistics(self) -> None:
         importance = self.config.importance
         if importance not in ("ema", "taylor"):

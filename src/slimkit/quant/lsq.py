@@ -128,13 +128,14 @@ class _LSQFunction(torch.autograd.Function):
         needs_x, needs_s, needs_z = ctx.needs_input_grad[:3]
         inside = local = None
         if needs_x or needs_s or needs_z:
-            v = ratio + z  # 1.0 where qmin <= v <= qmax, else 0.0
-            inside = torch.ge(v, qmin, out=torch.empty_like(v)).mul_(v.le_(qmax))
+            v = ratio + z  # inside: 1.0 where qmin <= v <= qmax, else 0.0
+            inside = torch.eq(v.clamp(qmin, qmax), v, out=torch.empty_like(v))
             del v
         if needs_s:
             # round(x/s) - x/s inside, qmin - z below, qmax - z above; q is round(x/s) inside
-            # and qmin - z / qmax - z outside, so this is q - inside * x/s (in place, exact)
-            local = q.sub_(ratio.mul_(inside))
+            # and qmin - z / qmax - z outside, so this is q - inside * x/s (in place; every
+            # product is exact, so the same values as the three-way where)
+            local = q.addcmul_(ratio, inside, value=-1)
         ctx.save_for_backward(inside, local, s if needs_z else None)
         ctx.qparams = (
             grad_scale,
