@@ -99,13 +99,11 @@ def _qparams(
 
 
 def _quantize(
-    x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x / s, q, q * s)`` with ``q = clamp(round(x / s) + z, qmin, qmax) - z`` (``z`` is
-    rounded already), in ``s``'s dtype."""
-    ratio = _cast(x, s.dtype) / s
-    q = torch.round(ratio).add_(z).clamp_(qmin, qmax).sub_(z)
-    return ratio, q, q * s
+    ratio: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``q = clamp(round(x / s) + z, qmin, qmax) - z`` from ``ratio = x / s`` (``z`` is rounded
+    already), written into ``out`` when given."""
+    return torch.round(ratio, out=out).add_(z).clamp_(qmin, qmax).sub_(z)
 
 
 class _LSQFunction(torch.autograd.Function):
@@ -124,13 +122,20 @@ class _LSQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, scale, zero_point, qmin, qmax, grad_scale, axis):
         s, z = _qparams(x, scale, zero_point, axis)
-        ratio, q, out = _quantize(x, s, z, qmin, qmax)
+        ratio = _cast(x, s.dtype) / s
         needs_x, needs_s, needs_z = ctx.needs_input_grad[:3]
-        inside = local = None
+        inside = None
         if needs_x or needs_s or needs_z:
-            v = ratio + z  # inside: 1.0 where qmin <= v <= qmax, else 0.0
-            inside = torch.eq(v.clamp(qmin, qmax), v, out=torch.empty_like(v))
-            del v
+            # few allocations (on CPU the first write to a fresh buffer costs page faults):
+            # the mask goes into the clamp's buffer and q into v's once the mask is done
+            v = ratio + z
+            clamped = v.clamp(qmin, qmax)
+            inside = torch.eq(clamped, v, out=clamped)  # 1.0 where qmin <= v <= qmax, else 0.0
+            q = _quantize(ratio, z, qmin, qmax, out=v)
+        else:
+            q = _quantize(ratio, z, qmin, qmax)
+        out = q * s
+        local = None
         if needs_s:
             # round(x/s) - x/s inside, qmin - z below, qmax - z above; q is round(x/s) inside
             # and qmin - z / qmax - z outside, so this is q - inside * x/s (in place; every
@@ -192,7 +197,7 @@ def lsq_fake_quantize(
         x.requires_grad or scale.requires_grad or zero_point.requires_grad
     ):
         s, z = _qparams(x, scale, zero_point, axis)
-        return _cast(_quantize(x, s, z, qmin, qmax)[2], x.dtype)
+        return _cast(_quantize(_cast(x, s.dtype) / s, z, qmin, qmax) * s, x.dtype)
     return _LSQFunction.apply(x, scale, zero_point, qmin, qmax, float(grad_scale), axis)
 
 
