@@ -405,3 +405,49 @@ def test_logits_are_found_in_tensors_tuples_mappings_and_model_outputs():
         assert _logits(outputs, "student") is logits
     with pytest.raises(ConfigError, match="soft labels need the teacher's logits"):
         _logits({"loss": 0.0}, "teacher")
+
+
+def test_an_adapter_follows_its_student_layer_through_iterative_structured_pruning(teacher):
+    """Iterative structured pruning narrows the hinted student layer mid-training: the adapter
+    (identity while the widths matched) is rebuilt as a projection for the new width, with a
+    warning, and ``parameters_replaced`` asks the loop to rebuild its optimizer."""
+    from slimkit.prune.structured import StructuredPruningConfig
+
+    student = copy.deepcopy(teacher)
+    schedule = {"kind": "polynomial", "initial": 0.0, "final": 0.5, "begin": 0, "end": 1}
+    prune = StructuredPruningConfig(schedule={**schedule, "frequency": 1}, round_to=1)
+    kd = Distillation(HINT).bind(frozen_copy(teacher), forward)
+    compressor = Compressor([prune, kd], example_inputs=(torch.zeros(1, 1, 8, 8),))
+    compressor.apply(student)
+    assert list(kd.parameters()) == []  # equal widths: an identity adapter
+    optimizer = torch.optim.SGD([*student.parameters(), *compressor.parameters()], lr=0.01)
+
+    def train_step(seed: int) -> None:
+        batch = make_batch(seed)
+        loss = F.cross_entropy(forward(student, batch), batch[1])
+        loss = loss + compressor.loss(forward(student, batch), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        compressor.step()
+
+    train_step(0)  # the schedule reaches 0.5: layer2 loses channels at this step
+    assert compressor.parameters_replaced  # (structured pruning sliced layers)
+    narrowed = student.layer2[-1].conv2.out_channels
+    assert narrowed < teacher.layer2[-1].conv2.out_channels
+    optimizer = torch.optim.SGD([*student.parameters(), *compressor.parameters()], lr=0.01)
+
+    with pytest.warns(UserWarning, match=r"hint/layer2:layer2: the student feature changed"):
+        train_step(1)
+    adapter = kd.adapters["pair0"]
+    weights = [p for p in kd.parameters()]
+    assert [tuple(w.shape[:2]) for w in weights] == [(32, narrowed)]  # 1x1 conv to 32 channels
+    assert kd.parameters_replaced and compressor.parameters_replaced
+    optimizer = torch.optim.SGD([*student.parameters(), *compressor.parameters()], lr=0.01)
+    before = weights[0].detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no further rebuild, no warning
+        train_step(2)
+    assert not kd.parameters_replaced
+    assert kd.adapters["pair0"] is adapter
+    assert not torch.equal(weights[0].detach(), before)  # the new adapter trains

@@ -107,6 +107,11 @@ def _as_tensor(name: str, output: Any) -> torch.Tensor:
     )
 
 
+def _features(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The dims of a feature shape that its adapter is built for."""
+    return tuple(shape[1:]) if len(shape) == 4 else tuple(shape[-1:])
+
+
 def _capture(store: dict[str, torch.Tensor], name: str, module: nn.Module, args, output) -> None:
     store[name] = _as_tensor(name, output)
 
@@ -192,6 +197,8 @@ class Distillation(Technique):
         self._parameters_requested = False
         self._adapter_params = 0
         self._finalized = False
+        self._rebuilt = False  # an adapter was rebuilt since the last step
+        self._replaced = False
         if teacher is not None:
             self.bind(teacher, forward)
 
@@ -239,6 +246,16 @@ class Distillation(Technique):
     @property
     def task_loss_weight(self) -> float:
         return self.config.task_weight
+
+    @property
+    def parameters_replaced(self) -> bool:
+        """True right after a step during which an adapter was rebuilt because its student layer
+        changed width (iterative structured pruning): rebuild the optimizer to train it."""
+        return self._replaced
+
+    def step(self, step: int) -> bool:
+        self._replaced, self._rebuilt = self._rebuilt, False
+        return super().step(step)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The adapters' trainable parameters: add them to the optimizer with the student's.
@@ -333,11 +350,14 @@ class Distillation(Technique):
             )
 
     def _build_adapters(self) -> list[str]:
-        """Create the adapters that do not exist yet from the captured shapes; their keys."""
+        """Create the adapters that do not exist yet from the captured shapes; their keys.
+
+        An adapter whose student feature changed width since it was built is rebuilt (not
+        listed): :attr:`parameters_replaced` tells the loop after the next step."""
         created = []
         for term in self.terms:
             for index, key in enumerate(term.adapters):
-                if not key or key in self.adapters:
+                if not key:
                     continue
                 s_shape = tuple(self._student_feats[term.student[index]].shape)
                 t_shape = tuple(self._teacher_feats[term.teacher[index]].shape)
@@ -348,9 +368,28 @@ class Distillation(Technique):
                             f"shape {s_shape} and teacher shape {t_shape}"
                         )
                     t_shape = (t_shape[0], t_shape[1], *s_shape[2:])
+                if key in self.adapters:
+                    if not self._resized(key, s_shape):
+                        continue
+                    old = self._adapter_shapes[key][0]
+                    warnings.warn(
+                        f"{self.kind}: {term.key}: the student feature changed from "
+                        f"{_features(old)} to {_features(s_shape)} (structured pruning); its "
+                        "adapter starts afresh",
+                        stacklevel=3,
+                    )
+                    del self.adapters[key]
+                    self._rebuilt = True  # parameters_replaced after this step: no warning
+                    self._add_adapter(key, s_shape, t_shape)
+                    continue
                 self._add_adapter(key, s_shape, t_shape)
                 created.append(key)
         return created
+
+    def _resized(self, key: str, s_shape: tuple[int, ...]) -> bool:
+        """Whether the dims an adapter depends on (channels and map size of a 4-D feature, the
+        last dim otherwise; never batch or token counts) differ from the adapter's."""
+        return _features(self._adapter_shapes[key][0]) != _features(s_shape)
 
     def _add_adapter(self, key: str, s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> None:
         try:
