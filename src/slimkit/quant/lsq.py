@@ -98,49 +98,47 @@ def _qparams(
     return s, torch.round(_cast(_view(zero_point, x, axis), dtype))
 
 
-def _quantize(
-    ratio: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``q = clamp(round(x / s) + z, qmin, qmax) - z`` from ``ratio = x / s`` (``z`` is rounded
-    already), written into ``out`` when given."""
-    return torch.round(ratio, out=out).add_(z).clamp_(qmin, qmax).sub_(z)
+def _clamp_to_grid_(rounded: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``rounded = round(x / s)`` becomes ``q = clamp(rounded + z, qmin, qmax) - z``, in place
+    (``z`` is rounded already; exact: every value is a small integer)."""
+    return rounded.add_(z).clamp_(qmin, qmax).sub_(z)
 
 
 class _LSQFunction(torch.autograd.Function):
     """The module docstring's LSQ/LSQ+ forward and backward, in few passes over ``x``.
 
-    Every elementwise op writes a float tensor in place where it can (on CPU, ops that write
-    bool tensors, ``where`` and a clamp with tensor bounds are several times slower than plain
-    arithmetic); the clipping mask and the local scale gradient are computed once, in the
-    forward, and only for the inputs that need a gradient; the qparam gradients are dot
-    products. The forward and the elementwise gradients are the same values bit for bit as the
-    formulas written out (``where(inside, round(x/s) - x/s, where(below, qmin - z, qmax - z))``
-    ...); only the sums run in another order, with ``g`` applied after them (float rounding),
-    and a NaN input counts as clipped (no gradient) instead of inside.
+    The clipping mask and the local scale gradient are computed once, in the forward, and only
+    for the inputs that need a gradient; the qparam gradients are dot products. On CPU the
+    costs that matter are fresh buffers (the first write to each page faults) and ops that
+    write bool tensors, ``where`` or clamp to tensor bounds (several times slower than plain
+    arithmetic), so every op writes a float tensor, in place where it can: three buffers per
+    call, the output and the two saved for the backward. The forward and the elementwise
+    gradients are the same values bit for bit as the formulas written out
+    (``where(inside, round(x/s) - x/s, where(below, qmin - z, qmax - z))`` ...); only the sums
+    run in another order, with ``g`` applied after them (float rounding), and a NaN input
+    counts as clipped (no gradient) instead of inside.
     """
 
     @staticmethod
     def forward(ctx: Any, x, scale, zero_point, qmin, qmax, grad_scale, axis):
         s, z = _qparams(x, scale, zero_point, axis)
-        ratio = _cast(x, s.dtype) / s
         needs_x, needs_s, needs_z = ctx.needs_input_grad[:3]
-        inside = None
-        if needs_x or needs_s or needs_z:
-            # few allocations (on CPU the first write to a fresh buffer costs page faults):
-            # the mask goes into the clamp's buffer and q into v's once the mask is done
-            v = ratio + z
-            clamped = v.clamp(qmin, qmax)
-            inside = torch.eq(clamped, v, out=clamped)  # 1.0 where qmin <= v <= qmax, else 0.0
-            q = _quantize(ratio, z, qmin, qmax, out=v)
-        else:
-            q = _quantize(ratio, z, qmin, qmax)
-        out = q * s
-        local = None
+        if not (needs_x or needs_s or needs_z):  # (autograd then calls no backward)
+            q = _clamp_to_grid_((_cast(x, s.dtype) / s).round_(), z, qmin, qmax)
+            return _cast(q.mul_(s), x.dtype)
+        local = _cast(x, s.dtype) / s  # x / s for now
+        inside = local + z  # v for now
+        out = inside.clamp(qmin, qmax)
+        torch.eq(out, inside, out=inside)  # 1.0 where qmin <= v <= qmax, else 0.0
+        q = _clamp_to_grid_(torch.round(local, out=out), z, qmin, qmax)
         if needs_s:
             # round(x/s) - x/s inside, qmin - z below, qmax - z above; q is round(x/s) inside
-            # and qmin - z / qmax - z outside, so this is q - inside * x/s (in place; every
-            # product is exact, so the same values as the three-way where)
-            local = q.addcmul_(ratio, inside, value=-1)
+            # and qmin - z / qmax - z outside, so this is q - inside * x/s (every product is
+            # exact, so the same values as the three-way where)
+            torch.sub(q, local.mul_(inside), out=local)
+        else:
+            local = None
+        out = q.mul_(s)
         ctx.save_for_backward(inside, local, s if needs_z else None)
         ctx.qparams = (
             grad_scale,
@@ -197,7 +195,8 @@ def lsq_fake_quantize(
         x.requires_grad or scale.requires_grad or zero_point.requires_grad
     ):
         s, z = _qparams(x, scale, zero_point, axis)
-        return _cast(_quantize(_cast(x, s.dtype) / s, z, qmin, qmax) * s, x.dtype)
+        q = _clamp_to_grid_((_cast(x, s.dtype) / s).round_(), z, qmin, qmax)
+        return _cast(q.mul_(s), x.dtype)
     return _LSQFunction.apply(x, scale, zero_point, qmin, qmax, float(grad_scale), axis)
 
 
