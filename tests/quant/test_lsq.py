@@ -369,3 +369,41 @@ def _saved(module: torch.nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save(module, buffer)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("learn_zero_point", [False, True])
+def test_module_scale_gradient_goes_through_abs_and_the_clamp(learn_zero_point: bool) -> None:
+    """The module quantizes with ``scale.abs().clamp_min(eps)``: its gradients are those of the
+    written-out formulas composed with that, also for negative and below-eps raw scales."""
+    torch.manual_seed(7)
+    if learn_zero_point:
+        quantizer = LSQQuantizer(activation_spec(8), learn_zero_point=True)
+        x = (torch.rand(32, 5) * 4 - 1).requires_grad_()
+        quantizer.init_lsq(x)
+        raw = torch.tensor(-quantizer.scale.item())  # a negative raw scale: |s| is used
+    else:
+        quantizer = LSQQuantizer(weight_spec(4), 6)
+        x = torch.randn(6, 5, requires_grad=True)
+        quantizer.init_lsq(x)
+        raw = quantizer.scale.detach().clone()
+        raw[1], raw[2], raw[3] = -raw[1], 1e-12, -1e-12  # negative, below eps (both signs)
+    with torch.no_grad():
+        quantizer.scale.copy_(raw)
+    upstream = torch.randn(x.shape)
+    out = quantizer(x)
+    got = torch.autograd.grad((out * upstream).sum(), (x, *quantizer.parameters()))
+
+    scale = quantizer.scale.detach().clone().requires_grad_()
+    zero_point = quantizer.zero_point.detach().clone().requires_grad_(learn_zero_point)
+    spec, g = quantizer.spec, quantizer.grad_scale(x)
+    ref = _WrittenOut.apply(
+        x, scale.abs().clamp_min(1e-8), zero_point, spec.qmin, spec.qmax, g, quantizer.axis
+    )
+    inputs = (x, scale, zero_point) if learn_zero_point else (x, scale)
+    want = torch.autograd.grad((ref * upstream).sum(), inputs)
+    assert torch.equal(out, ref)
+    assert torch.equal(got[0], want[0])
+    for ours, theirs in zip(got[1:], want[1:], strict=True):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    if not learn_zero_point:
+        assert got[1][2] == 0 and got[1][3] == 0  # clamped: no gradient
