@@ -124,6 +124,7 @@ class _LSQFunction(torch.autograd.Function):
         s, z = _qparams(x, scale, zero_point, axis)
         needs_x, needs_s, needs_z = ctx.needs_input_grad[:3]
         if not (needs_x or needs_s or needs_z):  # (autograd then calls no backward)
+            ctx.save_for_backward(None, None, None)
             q = _clamp_to_grid_((_cast(x, s.dtype) / s).round_(), z, qmin, qmax)
             return _cast(q.mul_(s), x.dtype)
         local = _cast(x, s.dtype) / s  # x / s for now
