@@ -293,3 +293,31 @@ def test_finalize_leaves_other_parametrizations_alone() -> None:
     assert torch.equal(model[0].weight, expected)
     assert not parametrize.is_parametrized(model[0], "weight")
     assert parametrize.is_parametrized(model[0], "bias")
+
+
+def test_loading_a_state_after_a_lazy_first_forward_keeps_the_loaded_qparams() -> None:
+    """The input quantizers cache their ``initialized`` flag: a model that already ran (and so
+    lazily initialized itself) must, after ``load_state_dict``, compute with the loaded qparams
+    and not initialize again; loading an uninitialized state makes them initialize again."""
+    torch.manual_seed(0)
+    source = DigitsResNet(width=4)
+    source_qat = QuantizationAwareTraining(QATConfig(init="lsq"))
+    source_qat.apply(source)
+    source(torch.rand(8, 1, 8, 8) * 3)  # lazy init from this batch
+    untouched = copy.deepcopy(source.state_dict())  # before any input quantizer runs again
+
+    target = DigitsResNet(width=4)
+    target_qat = QuantizationAwareTraining(QATConfig(init="lsq"))
+    target_qat.apply(target)
+    blank = copy.deepcopy(target.state_dict())  # input quantizers not initialized
+    target(torch.rand(8, 1, 8, 8) * 0.1)  # its own lazy init, from other data
+    target.load_state_dict(untouched)
+    inputs = torch.rand(16, 1, 8, 8)
+    assert torch.equal(source.eval()(inputs), target.eval()(inputs))
+    for name, (_, quantizer) in target_qat.quantizers().items():
+        assert torch.equal(quantizer.scale, source_qat.quantizers()[name][1].scale), name
+
+    target.load_state_dict(blank)
+    assert not any(q.is_initialized() for _, q in target_qat.quantizers().values())
+    target.train()(inputs)
+    assert all(q.is_initialized() for _, q in target_qat.quantizers().values())
