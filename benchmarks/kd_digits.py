@@ -510,7 +510,7 @@ def render(args, payload: dict[str, Any]) -> str:
             "epochs on the full train split; structured prune to 50% FLOPs (global allocation, "
             "`group_l1` importance, widths rounded to 8) fine-tuned 20 epochs on the full train "
             "split with KD from the baseline (soft labels T=4 + `layer3` hint), then int8 static "
-            "PTQ; "
+            "PTQ (the 1-channel stem conv `conv1` kept in float); "
             f"packed {r['packed_values_dtype']} checkpoint and ONNX QDQ; ORT on "
             f"{r['ort_threads']} thread, final comparison timed interleaved by the runner.",
             "",
