@@ -407,3 +407,18 @@ def test_module_scale_gradient_goes_through_abs_and_the_clamp(learn_zero_point: 
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     if not learn_zero_point:
         assert got[1][2] == 0 and got[1][3] == 0  # clamped: no gradient
+
+
+def test_a_split_batch_counts_every_process_share_in_the_gradient_scale(monkeypatch):
+    """Under DDP each process quantizes its share of the batch; LSQ's g = 1/sqrt(n * qmax)
+    must count the whole batch or N processes learn activation scales sqrt(N) times faster
+    than one process on the same global batch. Weights (not split) keep their own count."""
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    share = torch.rand(16, 4, 8, 8)
+    activations = LSQQuantizer(spec, split_batch=True)
+    weights = LSQQuantizer(spec)
+    one_process = activations.grad_scale(torch.rand(32, 4, 8, 8))
+    assert one_process == pytest.approx(1 / math.sqrt(32 * 4 * 8 * 8 * 255))
+    monkeypatch.setattr(lsq, "world_size", lambda: 2)
+    assert activations.grad_scale(share) == pytest.approx(one_process)
+    assert weights.grad_scale(share) == pytest.approx(1 / math.sqrt(16 * 4 * 8 * 8 * 255))

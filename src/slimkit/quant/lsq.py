@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.distributed import world_size
 from slimkit.errors import ConfigError
 from slimkit.quant.affine import QuantSpec, qparams_from_range
 
@@ -211,6 +212,10 @@ class LSQQuantizer(nn.Module):
         learn_scale: ``scale`` is trainable (False gives plain STE with a fixed scale).
         learn_zero_point: ``zero_point`` is a trainable float parameter (LSQ+); otherwise a
             buffer fixed at initialization (0 for symmetric specs).
+        split_batch: the quantized tensor is this process's share of a batch that data
+            parallel training (DDP) splits across processes (activations, not weights): the
+            gradient scale counts the elements of the whole batch, so N processes learn the
+            scale as one process does on the same global batch.
 
     State (fixed names, always present): ``scale`` (``nn.Parameter``), ``zero_point``
     (parameter or buffer, float) and the ``initialized`` flag. The first forward of an
@@ -227,6 +232,7 @@ class LSQQuantizer(nn.Module):
         *,
         learn_scale: bool = True,
         learn_zero_point: bool = False,
+        split_batch: bool = False,
     ) -> None:
         super().__init__()
         if spec.granularity == "per_group":
@@ -248,6 +254,7 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized_cache: tuple[torch.Tensor, int, bool] | None = None
         self.enabled = True
+        self.split_batch = split_batch
 
     def _symmetric_zero_point(self) -> int:
         return round((self.spec.qmin + self.spec.qmax) / 2) if self.spec.symmetric else 0
@@ -292,8 +299,11 @@ class LSQQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        """LSQ's gradient scale for ``x``: elements per scale and ``qmax``."""
+        """LSQ's gradient scale for ``x``: elements per scale and ``qmax``; with ``split_batch``
+        the elements of all processes' shares (``x.numel() * world_size``)."""
         per_scale = x.numel() // max(1, self.scale.numel())
+        if self.split_batch:
+            per_scale *= world_size()
         return lsq_grad_scale(max(1, per_scale), max(1, self.spec.qmax))
 
     def is_initialized(self) -> bool:

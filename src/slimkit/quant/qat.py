@@ -204,6 +204,7 @@ class QuantizationAwareTraining(Technique):
                     activation_spec(self.config.abits),
                     learn_scale=learn,
                     learn_zero_point=self.config.method == "lsq_plus",
+                    split_batch=True,
                 ),
             )
             self._hooks.append(module.register_forward_pre_hook(_quantize_input))
