@@ -59,22 +59,16 @@ import torch
 from torch import nn
 
 from benchmarks.common import environment, md_table, update_readme_section, write_result
+from benchmarks.minilm_common import EXPORT, load_minilm_data, ort_embeddings, ort_latency
 from slimkit.export.onnx import export_onnx, optimized_op_counts
 from slimkit.export.qdq import export_qdq
 from slimkit.measure.fidelity import cosine_similarity_stats
-from slimkit.measure.latency import compare_latency, ort_session, time_callable
-from slimkit.models.sentence import encode, load_minilm, tokenize_batches
+from slimkit.measure.latency import time_callable
+from slimkit.models.sentence import encode
 from slimkit.quant.dynamic import DynamicQuantConfig, DynamicQuantization, export_dynamic_onnx
 from slimkit.quant.ptq import StaticQuantizationConfig, quantize_static
-from slimkit.tasks.text import load_reference_sentences
 
 NAME = "quant_minilm"
-INPUTS = ["input_ids", "attention_mask"]
-EXPORT = {
-    "input_names": INPUTS,
-    "output_names": ["embeddings"],
-    "dynamic_axes": {name: {1: "sequence"} for name in INPUTS},
-}
 PEER = "ORT quantize_dynamic"
 PEER_MATMUL = "ORT quantize_dynamic MatMul only"
 INTEGER_KERNELS = (
@@ -86,12 +80,6 @@ INTEGER_KERNELS = (
     "QAttention",
 )
 OBSERVER_OPTIONS = {"percentile": {"percentile": 99.99}}
-
-
-def ort_embeddings(path: Path, batches: list[dict[str, torch.Tensor]]) -> np.ndarray:
-    session = ort_session(path, threads=1)
-    feeds = [{k: v.numpy() for k, v in batch.items()} for batch in batches]
-    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
 
 
 def kernel_counts(path: Path) -> dict[str, int]:
@@ -214,24 +202,6 @@ def torch_latency(
     return out
 
 
-def ort_latency(paths: dict[str, Path], shapes: dict[int, int], args) -> dict[str, Any]:
-    """``compare_latency`` per batch size (its own sequence length), fp32 first."""
-    results: dict[str, Any] = {}
-    for batch, length in shapes.items():
-        warmup, repeats = (args.warmup, args.repeats) if batch == 1 else args.big_counts
-        results[batch] = compare_latency(
-            paths,
-            batch_sizes=(batch,),
-            threads=args.threads,
-            rounds=args.rounds,
-            warmup=warmup,
-            repeats=repeats,
-            dim_defaults={"sequence": length},
-        )
-        print(f"ORT latency batch {batch} x {length} tokens done", flush=True)
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, default=256, help="calibration sentences")
@@ -273,18 +243,9 @@ def main() -> None:
     start = time.perf_counter()
     load_start = os.getloadavg()[0]
 
-    corpus = load_reference_sentences(args.calibration, args.evaluation)
-    encoder, tokenizer = load_minilm()
-    limit = encoder.max_seq_length
-    calibration = tokenize_batches(
-        tokenizer, corpus.calibration, batch_size=args.batch_size, max_length=limit
-    )
-    evaluation = tokenize_batches(
-        tokenizer, corpus.evaluation, batch_size=args.batch_size, max_length=limit
-    )
-    lengths = [int(n) for b in evaluation for n in b["attention_mask"].sum(dim=1)]
-    padded = [int(b["input_ids"].shape[1]) for b in evaluation]
-    shapes = {1: int(statistics.median(lengths)), 32: int(statistics.median(padded))}
+    data = load_minilm_data(args.calibration, args.evaluation, args.batch_size)
+    corpus, encoder, shapes = data.corpus, data.encoder, data.shapes
+    calibration, evaluation = data.first, data.evaluation
     example = (evaluation[0]["input_ids"][:2], evaluation[0]["attention_mask"][:2])
 
     with tempfile.TemporaryDirectory(prefix="slimkit-minilm-") as tmp:
@@ -325,7 +286,7 @@ def main() -> None:
         latency: dict[str, Any] = {}
         if args.latency:  # static variants differ only in scales: time the first observer's
             timed = ["fp32", "slimkit dynamic", *headline_statics(args), PEER]
-            latency["ort"] = ort_latency({n: paths[n] for n in timed}, shapes, args)
+            latency["ort"] = ort_latency({n: paths[n] for n in timed}, shapes, args, args.threads)
             ao_timed = {"torch fp32": encoder, "torch.ao dynamic": ao_models["torch.ao dynamic"]}
             latency["torch"] = torch_latency(ao_timed, shapes, args)
             for name in timed:

@@ -49,21 +49,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.common import environment, md_table, update_readme_section, write_result
+from benchmarks.minilm_common import EXPORT, load_minilm_data, ort_embeddings, ort_latency
 from slimkit.export.onnx import export_onnx
 from slimkit.measure.fidelity import cosine_similarity_stats
 from slimkit.measure.flops import count_macs, count_params
-from slimkit.measure.latency import compare_latency, ort_session
-from slimkit.models.sentence import encode, load_minilm, tokenize_batches
+from slimkit.models.sentence import encode
 from slimkit.prune.structured import StructuredPruning, StructuredPruningConfig
-from slimkit.tasks.text import load_reference_sentences
 
 NAME = "structured_minilm"
-INPUTS = ["input_ids", "attention_mask"]
-EXPORT = {
-    "input_names": INPUTS,
-    "output_names": ["embeddings"],
-    "dynamic_axes": {name: {1: "sequence"} for name in INPUTS},
-}
 HEADS_RULE = r"re:.*attention\.self\.(query|key|value)"
 FFN_RULE = r"re:.*intermediate\.dense"
 ORIGINAL = "original"
@@ -133,33 +126,9 @@ def finetune(
     }
 
 
-def ort_embeddings(path: Path, batches: list[dict[str, torch.Tensor]]) -> np.ndarray:
-    session = ort_session(path, threads=1)
-    feeds = [{k: v.numpy() for k, v in batch.items()} for batch in batches]
-    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
-
-
 def macs_at(model: nn.Module, length: int) -> int:
     ids = torch.full((1, length), 1000, dtype=torch.int64)
     return count_macs(model, (ids, torch.ones_like(ids))).total_macs
-
-
-def ort_latency(paths: dict[str, Path], shapes: dict[int, int], args) -> dict[int, Any]:
-    """``compare_latency`` per batch size (its own sequence length), the original first."""
-    results: dict[int, Any] = {}
-    for batch, length in shapes.items():
-        warmup, repeats = (args.warmup, args.repeats) if batch == 1 else args.big_counts
-        results[batch] = compare_latency(
-            paths,
-            batch_sizes=(batch,),
-            threads=1,
-            rounds=args.rounds,
-            warmup=warmup,
-            repeats=repeats,
-            dim_defaults={"sequence": length},
-        )["results"]
-        print(f"ORT latency batch {batch} x {length} tokens done", flush=True)
-    return results
 
 
 def main() -> None:
@@ -193,18 +162,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     start = time.perf_counter()
 
-    corpus = load_reference_sentences(args.train, args.evaluation)
-    encoder, tokenizer = load_minilm()
-    limit = encoder.max_seq_length
-    train_batches = tokenize_batches(
-        tokenizer, corpus.calibration, batch_size=args.batch_size, max_length=limit
-    )
-    evaluation = tokenize_batches(
-        tokenizer, corpus.evaluation, batch_size=args.batch_size, max_length=limit
-    )
-    lengths = [int(n) for b in evaluation for n in b["attention_mask"].sum(dim=1)]
-    padded = [int(b["input_ids"].shape[1]) for b in evaluation]
-    shapes = {1: int(statistics.median(lengths)), 32: int(statistics.median(padded))}
+    data = load_minilm_data(args.train, args.evaluation, args.batch_size)
+    corpus, encoder, shapes = data.corpus, data.encoder, data.shapes
+    train_batches, evaluation = data.first, data.evaluation
     example = (train_batches[0]["input_ids"][:2], train_batches[0]["attention_mask"][:2])
 
     models: dict[str, nn.Module] = {ORIGINAL: encoder}
@@ -247,7 +207,10 @@ def main() -> None:
                 rows[name]["prune_s"] = prune_s[name]
             print(f"{name}: {rows[name]}", flush=True)
         timed = [n for n in paths if n not in SAME_GRAPH]
-        latency = ort_latency({n: paths[n] for n in timed}, shapes, args) if args.latency else {}
+        latency = {}
+        if args.latency:
+            timed_paths = {n: paths[n] for n in timed}
+            latency = {b: r["results"] for b, r in ort_latency(timed_paths, shapes, args).items()}
     base = rows[ORIGINAL]
     for name, row in rows.items():
         row["params_reduction"] = 1 - row["params"] / base["params"]
