@@ -80,30 +80,17 @@ def mixup_loader_factory(loader_factory):
     its batch, ``x_mixed = lam * x + (1 - lam) * x[perm]``, ``lam ~ U(0, 1)`` (Beta(1, 1)) per
     image; the mixing follows the epoch seed, so every method sees the same mixed batches."""
 
-    def loader(epoch_seed: int):
+    def mix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+        lam = torch.rand(len(x), generator=generator)
+        perm = torch.randperm(len(x), generator=generator)
+        mixed = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[perm]
+        return mixed, y, y[perm], lam
+
+    def loader(epoch_seed: int) -> list:  # a list: common.train takes its len for the decay
         generator = torch.Generator().manual_seed(10_000 + epoch_seed)
-        for x, y in loader_factory(epoch_seed):
-            lam = torch.rand(len(x), generator=generator)
-            perm = torch.randperm(len(x), generator=generator)
-            mixed = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[perm]
-            yield mixed, y, y[perm], lam
+        return [mix(x, y, generator) for x, y in loader_factory(epoch_seed)]
 
-    class Loader:  # common.train needs len(loader(seed)) for the cosine decay
-        def __call__(self, epoch_seed: int):
-            return _Sized(loader(epoch_seed), len(loader_factory(epoch_seed)))
-
-    return Loader()
-
-
-class _Sized:
-    def __init__(self, iterator, length: int) -> None:
-        self.iterator, self.length = iterator, length
-
-    def __iter__(self):
-        return self.iterator
-
-    def __len__(self) -> int:
-        return self.length
+    return loader
 
 
 def mixup_cross_entropy(outputs: torch.Tensor, batch) -> torch.Tensor:

@@ -143,12 +143,13 @@ def encode_tensor(
     """
     x = x.detach().cpu()
     allowed = ("dense", "bitmask", "index") if x.dtype in _PACKABLE else ("raw",)
-    if encoding == "fill" or (encoding is None and is_constant(x)):
-        if not is_constant(x):
-            raise ConfigError("encoding 'fill' needs two or more bitwise-equal elements")
+    constant = is_constant(x)
+    if encoding == "fill" and not constant:
+        raise ConfigError("encoding 'fill' needs two or more bitwise-equal elements")
+    if encoding == "fill" or (encoding is None and constant):
         return "fill", {"fill": _positive_zeros(x.reshape(-1)[:1]).clone()}
     if encoding is not None and encoding not in allowed:
-        allowed += ("fill",) if is_constant(x) else ()
+        allowed += ("fill",) if constant else ()
         raise ConfigError(f"encoding for a {x.dtype} tensor must be in {allowed}, got {encoding!r}")
     if allowed == ("raw",):
         return "raw", {"raw": x.clone(memory_format=torch.contiguous_format)}
